@@ -17,9 +17,14 @@ def threshold_for_recall(positive_scores: np.ndarray, target_recall: float) -> f
         raise ValueError("cannot calibrate a threshold without positive examples")
     if not 0.0 < target_recall <= 1.0:
         raise ValueError(f"target recall must lie in (0, 1], got {target_recall}")
-    # Keep at least ceil(target * n) positives at or above the threshold.
-    keep = int(np.ceil(target_recall * scores.size - 1e-9))
-    return float(scores[scores.size - keep])
+    # The fewest positives ``keep`` with keep / n >= target, robust to rounding in target * n.
+    n = scores.size
+    keep = min(n, int(np.ceil(target_recall * n)))
+    while keep > 1 and (keep - 1) / n >= target_recall:
+        keep -= 1
+    while keep < n and keep / n < target_recall:
+        keep += 1
+    return float(scores[n - keep])
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -6,8 +6,8 @@ they describe exactly what the user reads, and the counts add up by construction
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray.data
 
 from ngt_ray.costs import ModelCosts
@@ -17,24 +17,27 @@ __all__ = ["count_rows", "summarize"]
 _COUNTS = ("images", "errors", "flagged", "retests", "group_tests")
 
 
-def count_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def count_rows(batch: pa.Table) -> pa.Table:
     """Partial counts of one batch. A group of n members contributes 1/n per member, so group tests
-    add up exactly even when a group's rows span batches."""
+    add up exactly even when a group's rows span batches (error rows have no group: null size)."""
+
+    def count(mask: pa.ChunkedArray) -> int:
+        return int(pc.sum(mask).as_py() or 0)
+
     decided = batch["decided_by"]
-    sizes = batch["group_size"].astype(np.float64)
-    grouped = decided != "error"
-    return {
-        "images": np.array([len(decided)]),
-        "errors": np.array([int((decided == "error").sum())]),
-        "flagged": np.array([int(batch["flagged"].sum())]),
-        "retests": np.array([int((decided == "retest").sum())]),
-        "group_tests": np.array([float((1.0 / sizes[grouped]).sum())]),
-    }
+    group_share = pc.divide(1.0, pc.cast(batch["group_size"], pa.float64()))
+    return pa.table({
+        "images": [batch.num_rows],
+        "errors": [count(pc.equal(decided, "error"))],
+        "flagged": [count(batch["flagged"])],
+        "retests": [count(pc.equal(decided, "retest"))],
+        "group_tests": [float(pc.sum(group_share).as_py() or 0.0)],
+    })
 
 
 def summarize(flags: ray.data.Dataset, costs: ModelCosts, info: dict, wall_seconds: float) -> pa.Table:
     """Reduce the flags to the stats row (``info`` adds model name, design, thresholds, ...)."""
-    partial = flags.map_batches(count_rows, batch_format="numpy").to_pandas()
+    partial = flags.map_batches(count_rows, batch_format="pyarrow").to_pandas()
     totals = {name: float(partial[name].sum()) if len(partial) else 0.0 for name in _COUNTS}
     images, errors = int(totals["images"]), int(totals["errors"])
     group_tests, retests = int(round(totals["group_tests"])), int(totals["retests"])

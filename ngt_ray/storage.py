@@ -51,6 +51,7 @@ def resolve(url: str, s3_endpoint: str | None = None) -> Location:
         protocol = "s3"
     if protocol == "file":
         url = os.path.abspath(strip_protocol(url))
-    fs = fsspec.filesystem(protocol, **options)
+    # A fresh instance: fsspec's instance cache would keep a client with stale credentials.
+    fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
     path = fs._strip_protocol(url)
     return Location(url, fs, path)
