@@ -104,8 +104,8 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     ds.write_parquet(flags.path, filesystem=dst.arrow_fs, mode=SaveMode.OVERWRITE)
 
     dst.fs.invalidate_cache()  # the workers wrote; the driver's listing cache has not seen it
-    written = ray.data.read_parquet(
-        flags.path, filesystem=dst.arrow_fs, columns=["flagged", "decided_by", "group_size"]
+    written = ray.data.read_parquet(flags.path, filesystem=dst.arrow_fs).select_columns(
+        ["flagged", "decided_by", "group_size"]
     ) if dst.fs.exists(flags.path) else ray.data.from_arrow(FLAGS_SCHEMA.empty_table())
     info = {
         "group_size": k,

@@ -35,7 +35,7 @@ def detect_format(loc: Location) -> str:
     candidates = [loc.path]
     if not loc.fs.isfile(loc.path):
         candidates = []
-        for root, _dirs, files in loc.fs.walk(loc.path):
+        for root, _dirs, files in loc.fs.walk(loc.path, on_error="raise"):
             visible = sorted(f for f in files if not f.startswith((".", "_")))
             if visible:
                 candidates = [f"{root}/{visible[0]}"]
@@ -94,7 +94,7 @@ def _expand_tar_shards(batch: dict[str, np.ndarray], loc: Location) -> dict[str,
 def _first_file(loc: Location, suffix: str) -> str:
     if loc.fs.isfile(loc.path):
         return loc.path
-    for root, _dirs, files in loc.fs.walk(loc.path):
+    for root, _dirs, files in loc.fs.walk(loc.path, on_error="raise"):
         for f in sorted(files):
             if f.endswith(suffix) and not f.startswith((".", "_")):
                 return f"{root}/{f}"

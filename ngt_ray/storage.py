@@ -48,6 +48,12 @@ def resolve(url: str, s3_endpoint: str | None = None) -> Location:
         endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["endpoint_url"] = endpoint
+            # S3-compatible stores often answer ranged reads with the whole object's checksum,
+            # which botocore's default flexible-checksum validation rejects.
+            options["config_kwargs"] = {
+                "request_checksum_calculation": "when_required",
+                "response_checksum_validation": "when_required",
+            }
         protocol = "s3"
     if protocol == "file":
         url = os.path.abspath(strip_protocol(url))

