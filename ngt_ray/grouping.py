@@ -12,9 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["form_groups", "group_id", "batch_rng", "dorfman_decide", "DECIDED_BY"]
+__all__ = ["form_groups", "group_id", "batch_rng", "dorfman_decide"]
 
-DECIDED_BY = ("group", "retest", "error")
 
 
 def batch_rng(seed: int, first_key: str) -> np.random.Generator:

@@ -6,8 +6,6 @@ whole block). The model stages are callable classes, so each actor loads its mod
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pyarrow as pa
 import torch
@@ -16,8 +14,6 @@ from ngt_ray.checkpoint import load_checkpoint
 from ngt_ray.decode import decode_many
 from ngt_ray.grouping import batch_rng, dorfman_decide, form_groups, group_id
 from ngt_ray.runtime import inference_context, pick_device
-
-log = logging.getLogger(__name__)
 
 __all__ = ["decode_batch", "GroupScreen", "Retest", "FLAGS_SCHEMA"]
 

@@ -77,7 +77,7 @@ def s3_server(tmp_path_factory):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"rclone serve s3 did not start: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"rclone serve s3 did not start: {proc.stderr.read().decode()[-2000:]}") from None
             time.sleep(0.2)
     yield {"endpoint": f"http://127.0.0.1:{port}", "root": root}
     proc.terminate()
