@@ -47,10 +47,10 @@ def build_bucket(data: Path, dest: Path, *, prevalence: float = 0.01, max_images
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     planted = set()
-    for path in chosen_pos + chosen_neg:
+    for path, positive in [(p, True) for p in chosen_pos] + [(p, False) for p in chosen_neg]:
         name = f"{uuid.UUID(int=int(rng.integers(0, 2**63)) << 64 | int(rng.integers(0, 2**63))).hex}.jpg"
         shutil.copyfile(path, dest / name)
-        if path in chosen_pos:
+        if positive:
             planted.add(name)
     return PlantedBucket(dest, planted, n_pos + n_neg)
 

@@ -59,8 +59,4 @@ class GroupTestingModel(nn.Module):
         return self.late(self.early(x))
 
     def forward_groups(self, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-        return self.forward_groups_from_early(self.early(x), sizes)
-
-    def forward_groups_from_early(self, h: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-        """Group logits from per-image early activations (cached ones, when retesting or training)."""
-        return self.late(merge_max(h, sizes))
+        return self.late(merge_max(self.early(x), sizes))

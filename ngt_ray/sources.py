@@ -26,23 +26,24 @@ _KEY_COLUMNS = ("uri", "url", "key", "path", "id", "name", "__key__")
 _IMAGE_COLUMNS = ("image", "bytes", "jpg", "jpeg", "png", "img", "content")
 
 
-def detect_format(loc: Location) -> str:
-    """Guess the input form from the URL, else from the first object found under it.
+def _first_object(loc: Location, suffix: str = "") -> str:
+    """The first visible object under ``loc`` (``loc`` itself if it is a file), ending in ``suffix``.
 
-    Only the first file is looked at (``fs.walk`` is lazy), so detection stays cheap on a bucket of
-    a billion objects.
+    ``fs.walk`` is lazy, so this stays cheap on a bucket of a billion objects; listing errors such
+    as bad credentials are raised, not mistaken for an empty prefix.
     """
-    candidates = [loc.path]
-    if not loc.fs.isfile(loc.path):
-        candidates = []
-        for root, _dirs, files in loc.fs.walk(loc.path, on_error="raise"):
-            visible = sorted(f for f in files if not f.startswith((".", "_")))
-            if visible:
-                candidates = [f"{root}/{visible[0]}"]
-                break
-    if not candidates:
-        raise FileNotFoundError(f"no objects under {loc.url}")
-    suffix = PurePosixPath(candidates[0]).suffix.lower()
+    if loc.fs.isfile(loc.path):
+        return loc.path
+    for root, _dirs, files in loc.fs.walk(loc.path, on_error="raise"):
+        for f in sorted(files):
+            if f.endswith(suffix) and not f.startswith((".", "_")):
+                return f"{root}/{f}"
+    raise FileNotFoundError(f"no {suffix or 'objects'}{' files' if suffix else ''} under {loc.url}")
+
+
+def detect_format(loc: Location) -> str:
+    """Guess the input form from the first object under ``loc`` (or ``loc`` itself)."""
+    suffix = PurePosixPath(_first_object(loc)).suffix.lower()
     if suffix == ".tar":
         return "webdataset"
     if suffix == ".parquet":
@@ -91,16 +92,6 @@ def _expand_tar_shards(batch: dict[str, np.ndarray], loc: Location) -> dict[str,
     return {"uri": np.array(uris, dtype=object), "bytes": np.array(blobs, dtype=object)}
 
 
-def _first_file(loc: Location, suffix: str) -> str:
-    if loc.fs.isfile(loc.path):
-        return loc.path
-    for root, _dirs, files in loc.fs.walk(loc.path, on_error="raise"):
-        for f in sorted(files):
-            if f.endswith(suffix) and not f.startswith((".", "_")):
-                return f"{root}/{f}"
-    raise FileNotFoundError(f"no {suffix} files under {loc.url}")
-
-
 def _pick(names: list[str], wanted: str | None, preferred: tuple[str, ...], what: str, where: str) -> str:
     if wanted:
         if wanted not in names:
@@ -131,7 +122,7 @@ def read_source(
         )
         return ds.map_batches(_expand_tar_shards, fn_kwargs={"loc": loc}, batch_size=1, batch_format="numpy")
     if fmt == "parquet":
-        first = _first_file(loc, ".parquet")
+        first = _first_object(loc, ".parquet")
         schema = pq.read_schema(first, filesystem=loc.arrow_fs)
         image = _pick(schema.names, image_column, _IMAGE_COLUMNS, "image", loc.uri(first))
         key = _pick(schema.names, key_column, _KEY_COLUMNS, "key", loc.uri(first))

@@ -74,8 +74,14 @@ def _early_features(model: GroupTestingModel, items: list[LabelledImage], size: 
             arrays.append(arr[:, :, ::-1] if flip else arr)
         x = torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).to(device)
         with inference_context(device):
-            chunks.append(model.early(x).float().half().cpu())
+            chunks.append(model.early(x).half().cpu())
     return torch.cat(chunks)
+
+
+def _merged(early: torch.Tensor, groups: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Cached early activations of each group's members, max-merged: one map per group."""
+    idx = torch.tensor([j for g in groups for j in g])
+    return merge_max(early[idx].to(device).float(), [len(g) for g in groups])
 
 
 def _late_features(model: GroupTestingModel, early: torch.Tensor, groups: list[list[int]], batch: int,
@@ -83,11 +89,8 @@ def _late_features(model: GroupTestingModel, early: torch.Tensor, groups: list[l
     """Pooled late-stage features of each group (a group of one is an individual image)."""
     out = []
     for i in range(0, len(groups), batch):
-        chunk = groups[i : i + batch]
-        idx = torch.tensor([j for g in chunk for j in g])
-        h = early[idx].to(device).float()
         with inference_context(device):
-            out.append(model.features(merge_max(h, [len(g) for g in chunk])).float().cpu())
+            out.append(model.features(_merged(early, groups[i : i + batch], device)).float().cpu())
     return torch.cat(out)
 
 
@@ -126,9 +129,8 @@ def _finetune_group_model(model: GroupTestingModel, early: torch.Tensor, labels:
     losses: list[float] = []
     for step in range(cfg.steps):
         groups = _sample_groups(labels, cfg.group_size, cfg.groups_per_step, rng)
-        idx = torch.tensor([j for g in groups for j in g])
         y = torch.tensor([float(labels[g].any()) for g in groups], device=device)
-        logits = model.late(merge_max(early[idx].to(device).float(), [len(g) for g in groups]))
+        logits = model.late(_merged(early, groups, device))
         loss = loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -159,7 +161,7 @@ def _fit_head(features: torch.Tensor, labels: np.ndarray, epochs: int, seed: int
 
 def _scores(head: nn.Linear, features: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
-        return torch.sigmoid(head(features).squeeze(1)).numpy()
+        return torch.sigmoid(head(features.to(head.weight.device)).squeeze(1)).float().cpu().numpy()
 
 
 def _calibrated_card(cfg: TrainConfig, kind: str, k: int, size: int, scores: np.ndarray, labels: np.ndarray,
@@ -219,18 +221,12 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     early_val = _early_features(model, splits["val"], size, cfg.batch_size, device)
     losses = _finetune_group_model(model, early_train, train_labels, cfg, rng, device)
     val_groups = _sample_groups(labels["val"], cfg.group_size, cfg.val_groups, rng)
-    group_batch = max(1, cfg.batch_size // cfg.group_size)
-    scores = []
-    for i in range(0, len(val_groups), group_batch):
-        chunk = val_groups[i : i + group_batch]
-        idx = torch.tensor([j for g in chunk for j in g])
-        with inference_context(device):
-            logits = model.forward_groups_from_early(early_val[idx].to(device).float(), [len(g) for g in chunk])
-        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+    val_features = _late_features(model, early_val, val_groups, max(1, cfg.batch_size // cfg.group_size), device)
+    val_scores = _scores(model.head, val_features)
     val_labels = np.array([int(labels["val"][g].any()) for g in val_groups])
     k = cfg.group_size
     cards["group"] = _calibrated_card(
-        cfg, "group", k, size, np.concatenate(scores), val_labels,
+        cfg, "group", k, size, val_scores, val_labels,
         ["head", f"backbone.stages[{cfg.merge_at}:]"],
         {"steps": cfg.steps, "groups_per_step": cfg.groups_per_step, "positive_group_fraction": 0.5,
          "mirrored_positives": len(positives), "final_loss": float(np.mean(losses[-100:])),
