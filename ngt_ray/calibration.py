@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["threshold_for_recall", "binary_metrics", "roc_auc"]
+__all__ = ["binary_metrics", "roc_auc", "threshold_for_recall"]
 
 
 def threshold_for_recall(positive_scores: np.ndarray, target_recall: float) -> float:

@@ -17,11 +17,23 @@ import torch
 from ngt_ray.backbone import build_backbone
 from ngt_ray.model import GroupTestingModel
 
-__all__ = ["ModelCard", "save_checkpoint", "load_checkpoint", "DEFAULT_GROUP_MODEL", "DEFAULT_INDIVIDUAL_MODEL"]
+__all__ = [
+    "DEFAULT_GROUP_MODEL", "DEFAULT_INDIVIDUAL_MODEL", "ModelCard", "default_screen_model", "load_checkpoint",
+    "save_checkpoint", "write_card",
+]
 
 _PACKAGED = Path(__file__).parent / "checkpoints"
 DEFAULT_GROUP_MODEL = _PACKAGED / "revolver-lite0-feature-k8"
 DEFAULT_INDIVIDUAL_MODEL = _PACKAGED / "revolver-lite0-individual"
+
+
+def default_screen_model(design: str = "feature") -> Path:
+    """The packaged screen checkpoint of a merge design."""
+    stem = _PACKAGED / f"revolver-lite0-{design}-k8"
+    if not stem.with_suffix(".json").exists():
+        raise FileNotFoundError(f"no packaged {design!r} screen model at {stem}; train one with ngt-ray train "
+                                f"--design {design} and pass --model")
+    return stem
 
 
 @dataclass
@@ -29,15 +41,35 @@ class ModelCard:
     """Metadata stored beside the weights: how to rebuild the model and how it was validated."""
 
     backbone: str
-    design: str  # "individual" or "feature"
-    merge_at: int
-    group_size: int
+    design: str  # "individual", or a merge design: "pixel", "feature", "tree"
+    merge_at: int  # the first merge depth
+    group_size: int  # the size the model was trained for
     input_size: int
-    threshold: float  # on sigmoid(logit)
+    threshold: float  # on sigmoid(logit), at ``group_size``
     trained_modules: list[str]  # a description; the .pt file holds exactly what was trained
     positive_class: str = "revolver"
     validation: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    merge_depths: list[int] | None = None  # tree merge: every depth; otherwise [merge_at]
+    # per group size (str keys, JSON): threshold, recall, negative_pass_rate, auc, ... on validation
+    calibration: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def threshold_for(self, size: int) -> float:
+        """The threshold calibrated for ``size``; an uncalibrated size takes the nearest calibrated
+        one (ties: the larger), and a card without calibration its single threshold."""
+        if not self.calibration:
+            return self.threshold
+        nearest = min(self.calibration, key=lambda s: (abs(int(s) - size), -int(s)))
+        return float(self.calibration[nearest]["threshold"])
+
+    @property
+    def calibrated_sizes(self) -> list[int]:
+        return sorted(int(s) for s in self.calibration) or [self.group_size]
+
+    def build(self) -> GroupTestingModel:
+        """The untrained model this card describes (ImageNet backbone, fresh head)."""
+        design = "feature" if self.design == "individual" else self.design
+        return GroupTestingModel(build_backbone(self.backbone), self.merge_depths or self.merge_at, design)
 
 
 def _paths(stem: str | Path) -> tuple[Path, Path]:
@@ -49,7 +81,7 @@ def _paths(stem: str | Path) -> tuple[Path, Path]:
 
 def save_checkpoint(model: GroupTestingModel, card: ModelCard, stem: str | Path, keys: list[str]) -> Path:
     """Write ``<stem>.pt`` (the state-dict entries named by ``keys``, fp16) and ``<stem>.json``."""
-    weights_path, card_path = _paths(stem)
+    weights_path, _ = _paths(stem)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     full = model.state_dict()
     missing = sorted(set(keys) - set(full))
@@ -57,8 +89,13 @@ def save_checkpoint(model: GroupTestingModel, card: ModelCard, stem: str | Path,
         raise ValueError(f"cannot save tensors the model does not have: {missing or 'none named'}")
     state = {k: (full[k].half() if full[k].is_floating_point() else full[k]).contiguous().cpu() for k in keys}
     torch.save(state, weights_path)
-    card_path.write_text(json.dumps(asdict(card), indent=2, sort_keys=True) + "\n")
+    write_card(card, stem)
     return weights_path
+
+
+def write_card(card: ModelCard, stem: str | Path) -> None:
+    """(Re)write ``<stem>.json`` alone: re-calibration changes thresholds, not weights."""
+    _paths(stem)[1].write_text(json.dumps(asdict(card), indent=2, sort_keys=True) + "\n")
 
 
 def load_checkpoint(stem: str | Path, map_location: str | torch.device = "cpu") -> tuple[GroupTestingModel, ModelCard]:
@@ -67,7 +104,7 @@ def load_checkpoint(stem: str | Path, map_location: str | torch.device = "cpu") 
     if not card_path.exists():
         raise FileNotFoundError(f"no model card at {card_path} (a checkpoint is <stem>.pt + <stem>.json)")
     card = ModelCard(**json.loads(card_path.read_text()))
-    model = GroupTestingModel(build_backbone(card.backbone), card.merge_at)
+    model = card.build()
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))

@@ -1,4 +1,4 @@
-"""``ngt-ray``: moderate a bucket, train the models, or run the demo."""
+"""``ngt-ray``: moderate a bucket; train, calibrate and evaluate the models; run the demo."""
 
 from __future__ import annotations
 
@@ -12,12 +12,39 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _add_moderate_args(p: argparse.ArgumentParser) -> None:
-    from ngt_ray.checkpoint import DEFAULT_GROUP_MODEL, DEFAULT_INDIVIDUAL_MODEL
+def _group_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'auto', got {value!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"group size must be >= 1, got {k}")
+    return k
 
-    p.add_argument("--model", default=str(DEFAULT_GROUP_MODEL), help="screen (group) checkpoint stem")
-    p.add_argument("--individual-model", default=str(DEFAULT_INDIVIDUAL_MODEL), help="retest checkpoint stem")
-    p.add_argument("--group-size", type=int, default=None, help="k images per group test (default: the model's)")
+
+def _sizes(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in value.split(","))
+
+
+def _add_moderate_args(p: argparse.ArgumentParser) -> None:
+    from ngt_ray.algorithms import ALGORITHMS
+    from ngt_ray.checkpoint import DEFAULT_INDIVIDUAL_MODEL
+    from ngt_ray.model import DESIGNS
+
+    p.add_argument("--design", default="feature", choices=DESIGNS,
+                   help="merge design: picks the packaged screen model (ignored with --model)")
+    p.add_argument("--algorithm", default="dorfman", choices=ALGORITHMS,
+                   help="dorfman: two rounds; halving: positive groups split in halves on cached embeddings; "
+                        "overlap: every image in two groups, non-adaptive")
+    p.add_argument("--model", default=None, help="screen (group) checkpoint stem (default: the packaged one)")
+    p.add_argument("--individual-model", default=str(DEFAULT_INDIVIDUAL_MODEL), help="confirmation checkpoint stem")
+    p.add_argument("--group-size", type=_group_size, default=None,
+                   help="k images per group test, or 'auto' to choose k per batch (default: the model's)")
+    p.add_argument("--min-size", type=int, default=1, help="halving stops at groups this small and confirms them")
+    p.add_argument("--prevalence-prior", type=float, default=0.01, help="starting prevalence for --group-size auto")
+    p.add_argument("--no-timing", action="store_true", help="skip measuring per-stage time (no time_saving)")
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random group assignment")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -26,10 +53,13 @@ def _add_moderate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _print_summary(stats: dict, output: str) -> None:
+    timing = f", time saving {stats['time_saving']:.1%}" if stats["time_saving"] == stats["time_saving"] else ""
     print(
         f"\n{stats['images']} images, {stats['errors']} errors, {stats['flagged']} flagged; "
-        f"{stats['group_tests']} group tests of {stats['group_size']} + {stats['retests']} retests; "
-        f"compute saving {stats['compute_saving']:.1%}; {stats['images_per_second']:.1f} images/s\n"
+        f"{stats['algorithm']}, {stats['design']} merge: {stats['group_tests']} group tests "
+        f"(first round {stats['first_round_groups']} of {stats['mean_group_size']:.1f}) + {stats['retests']} "
+        f"confirmations; compute saving {stats['compute_saving']:.1%}{timing}; "
+        f"{stats['images_per_second']:.1f} images/s\n"
         f"flags: {output.rstrip('/')}/flags/   stats: {output.rstrip('/')}/stats.parquet"
     )
 
@@ -49,23 +79,55 @@ def _moderate(args: argparse.Namespace) -> int:
         input=args.input, output=args.output, model=args.model, individual_model=args.individual_model,
         group_size=args.group_size, input_format=args.format, image_column=args.image_column,
         key_column=args.key_column, s3_endpoint=args.s3_endpoint, seed=args.seed, device=args.device,
-        max_actors=args.max_actors,
+        max_actors=args.max_actors, **_algorithm_kwargs(args),
     )
     stats = run_moderation(cfg)
     _print_summary(stats, args.output)
     return 0
 
 
+def _algorithm_kwargs(args: argparse.Namespace) -> dict:
+    return {"design": args.design, "algorithm": args.algorithm, "min_size": args.min_size,
+            "prevalence_prior": args.prevalence_prior, "measure_time": not args.no_timing}
+
+
 def _train(args: argparse.Namespace) -> int:
     from ngt_ray.train import TrainConfig, train
 
     cards = train(TrainConfig(
-        data=Path(args.data), output=Path(args.output), group_size=args.group_size, merge_at=args.merge_at,
-        max_negatives=args.max_negatives, steps=args.steps, screen_size=args.screen_size, val_groups=args.val_groups,
-        target_recall=args.target_recall, seed=args.seed, device=args.device,
+        data=Path(args.data), output=Path(args.output), group_size=args.group_size, design=args.design,
+        merge_depths=args.merge_depths, train_from=args.train_from, max_negatives=args.max_negatives,
+        steps=args.steps, screen_size=args.screen_size, val_groups=args.val_groups,
+        calibration_sizes=args.calibration_sizes, target_recall=args.target_recall,
+        hard_negative_fraction=args.hard_negative_fraction, seed=args.seed, device=args.device,
+        individual=not args.no_individual,
     ))
     for kind, card in cards.items():
         print(f"{kind}: threshold {card.threshold:.4f}; validation {json.dumps(card.validation)}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from ngt_ray.calibrate import recalibrate
+
+    card = recalibrate(args.model, Path(args.data), args.sizes, args.target_recall, args.groups, args.seed,
+                       args.device)
+    print(f"{'size':>5} {'threshold':>10} {'recall':>7} {'neg. pass':>9} {'AUC':>6}")
+    for size, row in sorted(card.calibration.items(), key=lambda kv: int(kv[0])):
+        print(f"{size:>5} {row['threshold']:>10.4f} {row['recall']:>7.3f} {row['negative_pass_rate']:>9.3f} "
+              f"{row['auc']:>6.3f}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ngt_ray.evaluate import EvaluationConfig, evaluate
+
+    evaluate(EvaluationConfig(
+        data=Path(args.data) if args.data else None, models=args.models, output=Path(args.output),
+        sizes=args.sizes, prevalences=args.prevalences, algorithms=tuple(args.algorithms.split(",")),
+        population=args.population, trials=args.trials, seed=args.seed, device=args.device,
+        timing=not args.no_timing,
+    ))
     return 0
 
 
@@ -83,7 +145,8 @@ def _demo(args: argparse.Namespace) -> int:
     output = str(work / "results")
     stats = run_moderation(ModerationConfig(input=str(bucket.root), output=output, model=args.model,
                                             individual_model=args.individual_model, group_size=args.group_size,
-                                            seed=args.seed, device=args.device, max_actors=args.max_actors))
+                                            seed=args.seed, device=args.device, max_actors=args.max_actors,
+                                            **_algorithm_kwargs(args)))
     recall, hits = recall_of(Path(output) / "flags", bucket.positives)
     _print_summary(stats, output)
     print(f"recall of planted positives: {hits}/{len(bucket.positives)} = {recall:.1%}; "
@@ -105,19 +168,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_moderate_args(p)
     p.set_defaults(func=_moderate)
 
+    from ngt_ray.calibrate import DEFAULT_SIZES
+    from ngt_ray.model import DESIGNS
+
+    sizes_help = "comma-separated group sizes to calibrate"
     p = sub.add_parser("train", help="fine-tune and calibrate the individual and group models")
     p.add_argument("--data", required=True, help="Caltech-101 folder (holding train/)")
     p.add_argument("--output", default="ngt_ray/checkpoints")
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--merge-at", type=int, default=4, help="stage index where group feature maps merge")
+    p.add_argument("--design", default="feature", choices=DESIGNS)
+    p.add_argument("--group-size", type=int, default=8, help="k of the training groups")
+    p.add_argument("--merge-depths", type=_sizes, default=None,
+                   help="stage indices where groups merge (default by design: pixel 0, feature 4, tree 4,6,8)")
+    p.add_argument("--train-from", type=int, default=None, help="first fine-tuned stage (default: first merge)")
     p.add_argument("--max-negatives", type=int, default=1500, help="negatives per split (CPU-sized default)")
     p.add_argument("--steps", type=int, default=900, help="fine-tuning steps of the group model")
     p.add_argument("--screen-size", type=int, default=160, help="input size of the group (screen) model")
-    p.add_argument("--val-groups", type=int, default=800)
-    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--val-groups", type=int, default=600, help="validation groups per calibrated size")
+    p.add_argument("--calibration-sizes", type=_sizes, default=DEFAULT_SIZES, help=sizes_help)
+    p.add_argument("--target-recall", type=float, default=0.99, help="of positive groups (and positive images)")
+    p.add_argument("--hard-negative-fraction", type=float, default=0.25)
+    p.add_argument("--no-individual", action="store_true", help="do not write the individual model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("calibrate", help="re-calibrate a screen model's per-size thresholds on validation groups")
+    p.add_argument("--model", required=True, help="screen checkpoint stem; its card is rewritten")
+    p.add_argument("--data", required=True, help="Caltech-101 folder (holding train/)")
+    p.add_argument("--sizes", type=_sizes, default=DEFAULT_SIZES, help=sizes_help)
+    p.add_argument("--target-recall", type=float, default=0.99, help="of positive groups")
+    p.add_argument("--groups", type=int, default=600, help="validation groups per size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("evaluate", help="designs x algorithms x k x prevalence on held-out photos: table, plots")
+    p.add_argument("--data", default=None, help="Caltech-101 folder (default: ../shared/data/caltech101)")
+    p.add_argument("--models", nargs="+", default=None, help="screen checkpoint stems (default: every packaged one)")
+    p.add_argument("--output", default="docs/evaluation", help="folder for Parquet, markdown and PNG plots")
+    p.add_argument("--sizes", type=_sizes, default=(2, 4, 8, 16, 32))
+    p.add_argument("--prevalences", type=lambda v: tuple(float(x) for x in v.split(",")),
+                   default=(0.001, 0.005, 0.01, 0.05))
+    p.add_argument("--algorithms", default="dorfman,halving,overlap")
+    p.add_argument("--population", type=int, default=None, help="images per simulated bucket (default: all negatives)")
+    p.add_argument("--trials", type=int, default=3, help="buckets per cell (different positives and groups)")
+    p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("demo", help="plant positives in a local bucket of real photos and moderate it")
     p.add_argument("--data", default=None, help="Caltech-101 folder (default: ../shared/data/caltech101)")

@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["LabelledImage", "caltech_split", "shared_data_root", "POSITIVE_CLASS"]
+__all__ = ["POSITIVE_CLASS", "LabelledImage", "caltech_split", "shared_data_root"]
 
 POSITIVE_CLASS = "revolver"
 _FRACTIONS = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}

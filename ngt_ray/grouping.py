@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["form_groups", "group_id", "batch_rng", "dorfman_decide"]
+__all__ = ["batch_rng", "dorfman_decide", "form_groups", "group_id"]
 
 
 

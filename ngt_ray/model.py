@@ -1,9 +1,17 @@
 """Binary classifiers that test one image or a whole group of images in one forward pass.
 
-Liang & Zou's feature merge: the stages before ``merge_at`` run on every image, their outputs are
-merged over the group with an element-wise max, and the stages after run once per group. A positive
-feature anywhere in the group survives the max, so "any positive in the group" stays detectable
-while the late stages, most of the compute, are shared by k images.
+Liang & Zou's three parameter-free ways to merge a group, for any backbone given as stages:
+
+* ``pixel``: the k images are averaged and the whole network runs once per group;
+* ``feature``: stages before ``merge_depths[0]`` run on every image, their maps are merged with an
+  element-wise max, and the remaining stages run once per group;
+* ``tree``: pairwise max at each of several depths (k -> k/2 -> k/4 ...), everything left merged at
+  the last depth. Deeper stages see fewer, richer maps.
+
+A positive feature anywhere in the group survives the max, so "any positive in the group" stays
+detectable while most of the compute is shared by k images. The per-image part (``embed``) is
+separate from the group part (``score_groups``) so that retests of sub-groups reuse cached
+embeddings and pay only for the shared stages.
 """
 
 from __future__ import annotations
@@ -15,48 +23,98 @@ from torch import nn
 
 from ngt_ray.backbone import StagedBackbone
 
-__all__ = ["GroupTestingModel", "merge_max"]
+__all__ = ["DESIGNS", "GroupTestingModel", "merge_max", "merge_segments"]
+
+DESIGNS = ("pixel", "feature", "tree")
+
+
+def _segments(sizes: Sequence[int], arity: int | None) -> tuple[torch.Tensor, list[int]]:
+    """Segment id per row when each run of ``sizes`` rows is merged ``arity`` rows at a time
+    (``None``: the whole run), and the sizes of the merged runs (in segments)."""
+    ids, new_sizes, base = [], [], 0
+    for s in sizes:
+        width = s if arity is None else arity
+        n_seg = -(-s // width)
+        ids.extend(base + j // width for j in range(s))
+        new_sizes.append(n_seg)
+        base += n_seg
+    return torch.tensor(ids, dtype=torch.long), new_sizes
+
+
+def merge_segments(h: torch.Tensor, sizes: Sequence[int], how: str = "max",
+                   arity: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Merge consecutive rows of ``h``: within each run of ``sizes`` rows, every ``arity`` rows
+    (default: the whole run) become one by max or mean. Returns the merged rows and new run sizes."""
+    if sum(sizes) != h.shape[0]:
+        raise ValueError(f"group sizes sum to {sum(sizes)} but {h.shape[0]} feature maps were given")
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"group sizes must be >= 1, got {list(sizes)}")
+    if arity is None and len(set(sizes)) == 1:  # the common case: one reshape, no scatter
+        k = sizes[0]
+        grouped = h.reshape(len(sizes), k, *h.shape[1:])
+        return (grouped.amax(dim=1) if how == "max" else grouped.mean(dim=1)), [1] * len(sizes)
+    seg, new_sizes = _segments(sizes, arity)
+    index = seg.to(h.device).view(-1, *[1] * (h.dim() - 1)).expand_as(h)
+    out = h.new_zeros((sum(new_sizes), *h.shape[1:]))
+    out = out.scatter_reduce(0, index, h, "amax" if how == "max" else "mean", include_self=False)
+    return out, new_sizes
 
 
 def merge_max(features: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """Element-wise max over consecutive runs of ``sizes`` rows: one merged map per group."""
-    if sum(sizes) != features.shape[0]:
-        raise ValueError(f"group sizes sum to {sum(sizes)} but {features.shape[0]} feature maps were given")
-    if len(set(sizes)) == 1:
-        k = sizes[0]
-        return features.view(len(sizes), k, *features.shape[1:]).amax(dim=1)
-    return torch.stack([chunk.amax(dim=0) for chunk in torch.split(features, list(sizes))])
+    return merge_segments(features, sizes, "max")[0]
 
 
 class GroupTestingModel(nn.Module):
-    """A staged backbone with a one-logit head for the rare class.
+    """A staged backbone with a one-logit head for the rare class, and a group-merge design.
 
-    ``forward(x)`` scores images one by one (the individual model); ``forward_groups(x, sizes)``
-    scores consecutive groups of images, merging after stage ``merge_at``. Inputs are uint8 NCHW.
+    ``embed(x)`` runs the per-image stages (uint8 NCHW in); ``score_groups(h, sizes)`` merges
+    consecutive runs of embeddings and returns one logit per group; ``forward(x)`` scores images
+    one by one (a group of one is the image itself under every design).
     """
 
-    def __init__(self, backbone: StagedBackbone, merge_at: int) -> None:
+    def __init__(self, backbone: StagedBackbone, merge_at: int | Sequence[int], design: str = "feature") -> None:
         super().__init__()
-        if not 0 < merge_at < len(backbone):
-            raise ValueError(f"merge_at must lie in [1, {len(backbone) - 1}], got {merge_at}")
+        depths = (merge_at,) if isinstance(merge_at, int) else tuple(merge_at)
+        if design not in DESIGNS:
+            raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
+        if design == "pixel" and depths != (0,):
+            raise ValueError(f"pixel merge happens before the first stage (merge_at 0), got {depths}")
+        if design != "pixel" and not all(0 < d < len(backbone) for d in depths):
+            raise ValueError(f"merge depths must lie in [1, {len(backbone) - 1}], got {depths}")
+        if list(depths) != sorted(set(depths)) or (design != "tree" and len(depths) != 1):
+            raise ValueError(f"{design} merge needs {'increasing depths' if design == 'tree' else 'one depth'}, "
+                             f"got {depths}")
         self.backbone = backbone
-        self.merge_at = merge_at
+        self.design = design
+        self.merge_depths = depths
         self.head = nn.Linear(backbone.spec.feature_dim, 1)
 
-    def early(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-image stages ``[0, merge_at)``."""
+    @property
+    def merge_at(self) -> int:
+        """The first merge depth: stages before it run on every image."""
+        return self.merge_depths[0]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image stages ``[0, merge_at)`` (for pixel merge: the normalised pixels)."""
         return self.backbone.forward_range(x, 0, self.merge_at)
 
-    def late(self, h: torch.Tensor) -> torch.Tensor:
-        """Stages ``[merge_at, end)`` and the head: one logit per row of ``h``."""
-        return self.head(self.backbone.forward_range(h, self.merge_at, len(self.backbone))).squeeze(1)
+    def score_groups(self, h: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """One logit per group from the members' embeddings (consecutive runs of ``sizes`` rows)."""
+        return self.head(self.group_features(h, sizes)).squeeze(1)
 
-    def features(self, h: torch.Tensor) -> torch.Tensor:
-        """Pooled features after the late stages, for training heads on cached activations."""
-        return self.backbone.forward_range(h, self.merge_at, len(self.backbone))
+    def group_features(self, h: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """Pooled features of each group, for training heads on cached embeddings."""
+        how = "mean" if self.design == "pixel" else "max"
+        depths = self.merge_depths
+        for i, depth in enumerate(depths):
+            last = i == len(depths) - 1
+            h, sizes = merge_segments(h, sizes, how, arity=None if last else 2)
+            h = self.backbone.forward_range(h, depth, len(self.backbone) if last else depths[i + 1])
+        return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.late(self.early(x))
+        return self.score_groups(self.embed(x), [1] * x.shape[0])
 
     def forward_groups(self, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-        return self.late(merge_max(self.early(x), sizes))
+        return self.score_groups(self.embed(x), sizes)

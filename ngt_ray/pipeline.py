@@ -1,9 +1,11 @@
 """The moderation job: bucket in, per-image flags and one stats row out.
 
-    read bytes -> decode (CPU tasks) -> group screen (actor pool) -> retest (actor pool)
-               -> <output>/flags/*.parquet -> <output>/stats.parquet
+    read bytes -> decode (CPU tasks) -> group screen (actor pool: every round of the group-testing
+    algorithm, on cached embeddings) -> confirm (actor pool: individual model on the candidates)
+    -> <output>/flags/*.parquet -> <output>/stats.parquet
 
-Everything streams through Ray Data; only the stats row is gathered on the driver.
+Everything streams through Ray Data; only the stats row is gathered on the driver. Before the
+stream starts, one task on the actors' kind of resource measures what each stage costs there.
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ import ray
 import ray.data
 from ray.data._internal.savemode import SaveMode
 
-from ngt_ray.checkpoint import DEFAULT_GROUP_MODEL, DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
-from ngt_ray.costs import model_costs
+from ngt_ray.algorithms import ALGORITHMS
+from ngt_ray.checkpoint import (
+    DEFAULT_INDIVIDUAL_MODEL,
+    default_screen_model,
+    load_checkpoint,
+)
+from ngt_ray.costs import StageCosts, plan_sizes, stage_macs, stage_seconds
+from ngt_ray.runtime import pick_device
 from ngt_ray.sources import read_source
-from ngt_ray.stages import FLAGS_SCHEMA, GroupScreen, Retest, decode_batch
-from ngt_ray.stats import summarize
+from ngt_ray.stages import FLAGS_SCHEMA, Confirm, GroupScreen, decode_batch
+from ngt_ray.stats import STATS_COLUMNS, summarize
 from ngt_ray.storage import resolve
 
 log = logging.getLogger(__name__)
@@ -35,9 +43,14 @@ __all__ = ["ModerationConfig", "run_moderation"]
 class ModerationConfig:
     input: str
     output: str
-    model: str = str(DEFAULT_GROUP_MODEL)
+    model: str | None = None  # None: the packaged screen model of ``design``
     individual_model: str = str(DEFAULT_INDIVIDUAL_MODEL)
-    group_size: int | None = None  # None: the size the screen model was trained and calibrated for
+    design: str = "feature"  # which packaged screen model to use when ``model`` is not given
+    algorithm: str = "dorfman"
+    group_size: int | str | None = None  # None: the size the screen model was trained for; "auto": chosen per batch
+    min_size: int = 1  # halving stops at groups of this size and confirms their members
+    prevalence_prior: float = 0.01  # starting point of the running estimate for group_size "auto"
+    measure_time: bool = True  # time each stage on the actors' device and report time_saving
     input_format: str = "auto"
     image_column: str | None = None
     key_column: str | None = None
@@ -62,24 +75,43 @@ def _resources(cfg: ModerationConfig) -> tuple[dict, int, int]:
     return {"num_cpus": actor_cpus}, ceiling, max(1, math.floor(actor_cpus))
 
 
+def _measure_seconds(model: str, individual_model: str, sizes: list[int], device: str) -> StageCosts:
+    """Per-stage seconds on the device this task was scheduled on (the actors' kind)."""
+    screen, card = load_checkpoint(model)
+    individual, individual_card = load_checkpoint(individual_model)
+    return stage_seconds(screen, individual, card.input_size, individual_card.input_size, sizes, pick_device(device))
+
+
 def run_moderation(cfg: ModerationConfig) -> dict:
     """Run the job end to end and return the stats row as a dict."""
     if not ray.is_initialized():
         ray.init()
     start = time.perf_counter()
-    screen_model, screen_card = load_checkpoint(cfg.model)
+    if cfg.algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {cfg.algorithm!r}")
+    model = cfg.model or str(default_screen_model(cfg.design))
+    screen_model, screen_card = load_checkpoint(model)
     individual_model, individual_card = load_checkpoint(cfg.individual_model)
-    k = cfg.group_size or screen_card.group_size
-    if k != screen_card.group_size:
-        log.warning("group size %d differs from the %d the screen threshold was calibrated for", k, screen_card.group_size)
-    costs = model_costs(screen_model, individual_model, screen_card.input_size, individual_card.input_size)
+    auto = cfg.group_size == "auto"
+    k = None if auto else int(cfg.group_size or screen_card.group_size)
+    if k is not None and k < 1:
+        raise ValueError(f"group size must be >= 1 or 'auto', got {k}")
+    if k is not None and str(k) not in screen_card.calibration and k != screen_card.group_size:
+        log.warning("group size %d was not calibrated for %s; using the threshold of the nearest calibrated size",
+                    k, model)
+    sizes = plan_sizes(screen_card.calibrated_sizes if auto else k)
+    macs = stage_macs(screen_model, individual_model, screen_card.input_size, individual_card.input_size, sizes)
     del screen_model, individual_model
 
     src, dst = resolve(cfg.input, cfg.s3_endpoint), resolve(cfg.output, cfg.s3_endpoint)
     resources, max_actors, threads = _resources(cfg)
     on_gpu = "num_gpus" in resources
     device = "cuda" if on_gpu else "cpu"
-    batch = k * (cfg.groups_per_batch or (32 if on_gpu else 8))
+    seconds = None
+    if cfg.measure_time:
+        seconds = ray.get(ray.remote(_measure_seconds).options(**resources).remote(
+            model, cfg.individual_model, sizes, device))
+    batch = max(sizes) * (cfg.groups_per_batch or (32 if on_gpu else 8))
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors)
 
     ds = read_source(src, cfg.input_format, image_column=cfg.image_column, key_column=cfg.key_column)
@@ -87,16 +119,17 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     ds = ds.map_batches(
         GroupScreen,
         fn_constructor_kwargs={
-            "model_path": cfg.model, "group_size": k, "threshold": screen_card.threshold,
-            "seed": cfg.seed, "device": device, "threads": threads,
+            "model_path": model, "algorithm": cfg.algorithm, "group_size": k, "seed": cfg.seed, "macs": macs,
+            "seconds": seconds, "min_size": cfg.min_size, "prevalence_prior": cfg.prevalence_prior,
+            "device": device, "threads": threads,
         },
         batch_size=batch, batch_format="numpy", compute=pool, **resources,
     )
     ds = ds.map_batches(
-        Retest,
+        Confirm,
         fn_constructor_kwargs={
-            "model_path": cfg.individual_model, "group_threshold": screen_card.threshold,
-            "threshold": individual_card.threshold, "device": device, "threads": threads,
+            "model_path": cfg.individual_model, "macs": macs.confirm,
+            "seconds": seconds.confirm if seconds else None, "device": device, "threads": threads,
         },
         batch_size=batch, batch_format="numpy", compute=pool, **resources,
     )
@@ -105,25 +138,25 @@ def run_moderation(cfg: ModerationConfig) -> dict:
 
     dst.fs.invalidate_cache()  # the workers wrote; the driver's listing cache has not seen it
     written = ray.data.read_parquet(flags.path, filesystem=dst.arrow_fs).select_columns(
-        ["flagged", "decided_by", "group_size"]
+        STATS_COLUMNS
     ) if dst.fs.exists(flags.path) else ray.data.from_arrow(FLAGS_SCHEMA.empty_table())
     info = {
-        "group_size": k,
-        "model": Path(cfg.model).name,
+        "group_size": 0 if auto else k,  # 0: chosen per batch ("auto"); mean_group_size says what was used
+        "model": Path(model).name,
         "individual_model": Path(cfg.individual_model).name,
         "backbone": screen_card.backbone,
         "design": screen_card.design,
-        "algorithm": "dorfman",
-        "merge_at": screen_card.merge_at,
+        "algorithm": cfg.algorithm,
+        "merge_depths": ",".join(map(str, screen_card.merge_depths or [screen_card.merge_at])),
         "screen_input_size": screen_card.input_size,
         "individual_input_size": individual_card.input_size,
-        "group_threshold": screen_card.threshold,
+        "group_threshold": screen_card.threshold if auto else screen_card.threshold_for(k),
         "individual_threshold": individual_card.threshold,
         "input": cfg.input,
         "device": device,
         **cfg.extra_info,
     }
-    stats = summarize(written, costs, info, time.perf_counter() - start)
+    stats = summarize(written, macs, seconds, info, time.perf_counter() - start)
     with dst.fs.open(dst.join("stats.parquet").path, "wb") as f:
         pq.write_table(stats, f)
     return stats.to_pylist()[0]

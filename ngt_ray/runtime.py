@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["pick_device", "inference_context"]
+__all__ = ["inference_context", "pick_device"]
 
 
 def pick_device(preference: str = "auto") -> torch.device:

@@ -18,7 +18,7 @@ import ray.data
 
 from ngt_ray.storage import Location
 
-__all__ = ["FORMATS", "detect_format", "read_source", "IMAGE_SUFFIXES"]
+__all__ = ["FORMATS", "IMAGE_SUFFIXES", "detect_format", "read_source"]
 
 FORMATS = ("images", "webdataset", "parquet")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")

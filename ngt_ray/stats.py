@@ -1,61 +1,82 @@
 """The aggregator: one stats row from the written flags, with the compute that was spent.
 
 Stats are computed from the flags as written (a column-pruned re-read, a few bytes per image), so
-they describe exactly what the user reads, and the counts add up by construction.
+they describe exactly what the user reads, and the counts add up by construction: every row
+carries its share of the tests and of the compute, and the shares sum to the totals.
 """
 
 from __future__ import annotations
+
+import math
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
-from ngt_ray.costs import ModelCosts
+from ngt_ray.costs import StageCosts
 
-__all__ = ["count_rows", "summarize"]
+__all__ = ["STATS_COLUMNS", "count_rows", "summarize"]
 
-_COUNTS = ("images", "errors", "flagged", "retests", "group_tests")
+STATS_COLUMNS = ["flagged", "decided_by", "group_size", "tests", "compute_macs", "compute_seconds"]
+_COUNTS = ("images", "errors", "flagged", "retests", "subgroup_cleared", "first_round_groups", "group_tests",
+           "compute_macs", "compute_seconds", "timed_images")
 
 
 def count_rows(batch: pa.Table) -> pa.Table:
-    """Partial counts of one batch. A group of n members contributes 1/n per member, so group tests
-    add up exactly even when a group's rows span batches (error rows have no group: null size)."""
+    """Partial sums of one batch. A first-round group of n members contributes 1/n per member, so
+    group counts add up exactly even when a group's rows span batches (error rows: null shares)."""
 
-    def count(mask: pa.ChunkedArray) -> int:
-        return int(pc.sum(mask).as_py() or 0)
+    def total(values: pa.ChunkedArray) -> float:
+        return float(pc.sum(values).as_py() or 0.0)
 
     decided = batch["decided_by"]
-    group_share = pc.divide(1.0, pc.cast(batch["group_size"], pa.float64()))
+    seconds = batch["compute_seconds"]
     return pa.table({
         "images": [batch.num_rows],
-        "errors": [count(pc.equal(decided, "error"))],
-        "flagged": [count(batch["flagged"])],
-        "retests": [count(pc.equal(decided, "retest"))],
-        "group_tests": [float(pc.sum(group_share).as_py() or 0.0)],
+        "errors": [total(pc.equal(decided, "error"))],
+        "flagged": [total(batch["flagged"])],
+        "retests": [total(pc.equal(decided, "retest"))],
+        "subgroup_cleared": [total(pc.equal(decided, "subgroup"))],
+        "first_round_groups": [total(pc.divide(1.0, pc.cast(batch["group_size"], pa.float64())))],
+        "group_tests": [total(batch["tests"])],
+        "compute_macs": [total(batch["compute_macs"])],
+        "compute_seconds": [total(seconds)],
+        "timed_images": [float(len(seconds) - seconds.null_count)],
     })
 
 
-def summarize(flags: ray.data.Dataset, costs: ModelCosts, info: dict, wall_seconds: float) -> pa.Table:
-    """Reduce the flags to the stats row (``info`` adds model name, design, thresholds, ...)."""
+def summarize(flags: ray.data.Dataset, macs: StageCosts, seconds: StageCosts | None, info: dict,
+              wall_seconds: float) -> pa.Table:
+    """Reduce the flags to the stats row (``info`` adds model name, design, algorithm, ...).
+
+    ``compute_saving`` compares the MACs spent with the individual model on every screened image;
+    ``time_saving`` does the same with the per-stage seconds measured on the actors' device.
+    """
     partial = flags.map_batches(count_rows, batch_format="pyarrow").to_pandas()
     totals = {name: float(partial[name].sum()) if len(partial) else 0.0 for name in _COUNTS}
     images, errors = int(totals["images"]), int(totals["errors"])
-    group_tests, retests = int(round(totals["group_tests"])), int(totals["retests"])
     screened = images - errors
-    macs_total = (
-        screened * costs.early_per_image + group_tests * costs.late_per_group + retests * costs.individual_per_image
-    )
-    baseline = screened * costs.individual_per_image
+    baseline_macs = screened * macs.confirm
+    timed = seconds is not None and screened and totals["timed_images"] == screened
+    baseline_seconds = screened * seconds.confirm if timed else math.nan
+    groups = totals["first_round_groups"]
     row = {
         "images": images,
         "errors": errors,
         "flagged": int(totals["flagged"]),
-        "group_size": int(info["group_size"]),
-        "group_tests": group_tests,
-        "retests": retests,
-        "macs_per_image_individual": costs.individual_per_image,
-        "macs_total": macs_total,
-        "compute_saving": 1.0 - macs_total / baseline if baseline else 0.0,
+        "group_size": info.get("group_size", 0),
+        "mean_group_size": screened / groups if groups else 0.0,
+        "first_round_groups": round(groups),
+        "group_tests": round(totals["group_tests"]),
+        "retests": int(totals["retests"]),
+        "subgroup_cleared": int(totals["subgroup_cleared"]),
+        "macs_per_image_individual": macs.confirm,
+        "macs_total": totals["compute_macs"],
+        "compute_saving": 1.0 - totals["compute_macs"] / baseline_macs if baseline_macs else 0.0,
+        "seconds_per_image_individual": seconds.confirm if seconds else math.nan,
+        "compute_seconds_total": totals["compute_seconds"] if timed else math.nan,
+        "time_saving": 1.0 - totals["compute_seconds"] / baseline_seconds if timed else math.nan,
+        "timing_device": seconds.device if seconds else "",
         "wall_seconds": wall_seconds,
         "images_per_second": images / wall_seconds if wall_seconds > 0 else 0.0,
         **{k: v for k, v in info.items() if k != "group_size"},

@@ -30,7 +30,7 @@ class Location:
         """The same filesystem for Ray Data and pyarrow readers and writers."""
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         path = "/".join([self.path.rstrip("/"), *parts])
         return Location(self.fs.unstrip_protocol(path), self.fs, path)
 

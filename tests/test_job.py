@@ -13,6 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from ngt_ray.checkpoint import (
+    DEFAULT_GROUP_MODEL,
+    DEFAULT_INDIVIDUAL_MODEL,
+    load_checkpoint,
+)
 from ngt_ray.grouping import dorfman_decide
 from ngt_ray.pipeline import ModerationConfig, run_moderation
 
@@ -62,40 +67,84 @@ def test_folder_bucket_flags_planted_positives(folder_run, planted):
 def test_decisions_equal_plain_reference(folder_run):
     flags, stats = folder_run
     rows = flags.to_pylist()
-    g_thr, i_thr = stats["group_threshold"], stats["individual_threshold"]
+    card = load_checkpoint(DEFAULT_GROUP_MODEL)[1]
+    i_thr = load_checkpoint(DEFAULT_INDIVIDUAL_MODEL)[1].threshold
+    assert stats["individual_threshold"] == pytest.approx(i_thr)
     by_group: dict[int, list[dict]] = {}
     for r in rows:
         by_group.setdefault(r["group_id"], []).append(r)
     for members in by_group.values():
         assert len({m["group_score"] for m in members}) == 1
         assert all(m["group_size"] == len(members) for m in members)
-    for r in rows:  # a plain-Python Dorfman rule fed the scores the job recorded
-        if r["group_score"] < g_thr:
+    for r in rows:  # a plain-Python Dorfman rule fed the scores the job recorded, per-size thresholds
+        if r["group_score"] < card.threshold_for(r["group_size"]):
             expected = ("group", False, r["group_score"])
         else:
             expected = ("retest", r["score"] >= i_thr, r["score"])
         assert (r["decided_by"], r["flagged"], r["score"]) == pytest.approx(expected)
-    # and the vectorised rule the actors use agrees with it
+    # and the vectorised two-round rule agrees with it
     g = np.array([r["group_score"] for r in rows], dtype=np.float32)
+    g_thr = np.array([card.threshold_for(r["group_size"]) for r in rows], dtype=np.float32)
     ind = np.array([r["score"] if r["decided_by"] == "retest" else np.nan for r in rows], dtype=np.float32)
-    flagged, retested, _ = dorfman_decide(g, g_thr, ind, i_thr)
+    flagged, retested, _ = dorfman_decide(g - g_thr, 0.0, ind, i_thr)
     assert flagged.tolist() == [r["flagged"] for r in rows]
     assert retested.tolist() == [r["decided_by"] == "retest" for r in rows]
 
 
-def test_stats_add_up(folder_run):
-    flags, stats = folder_run
+def _assert_stats_add_up(flags: pa.Table, stats: dict) -> None:
     rows = flags.to_pylist()
     ok = [r for r in rows if r["error"] is None]
-    assert stats["group_tests"] == len({r["group_id"] for r in ok})
+    assert stats["first_round_groups"] == len({r["group_id"] for r in ok})
+    assert stats["group_tests"] == round(sum(r["tests"] for r in ok)) >= stats["first_round_groups"]
     assert stats["retests"] == sum(r["decided_by"] == "retest" for r in rows)
     assert stats["flagged"] == sum(r["flagged"] for r in rows)
-    assert stats["group_size"] == 8 and max(r["group_size"] for r in ok) <= 8
-    # costs: the individual model on every image would cost images x per-image MACs
-    assert stats["macs_total"] < len(ok) * stats["macs_per_image_individual"] * (1 + stats["retests"] / len(ok))
+    assert all(r["decided_by"] == "retest" for r in rows if r["flagged"])
+    # compute: each row carries its share; the baseline is the individual model on every image
+    assert stats["macs_total"] == pytest.approx(sum(r["compute_macs"] for r in ok))
     assert math.isclose(
         stats["compute_saving"], 1 - stats["macs_total"] / (len(ok) * stats["macs_per_image_individual"])
     )
+    assert stats["time_saving"] == pytest.approx(
+        1 - sum(r["compute_seconds"] for r in ok) / (len(ok) * stats["seconds_per_image_individual"]))
+    confirm = stats["macs_per_image_individual"]
+    for r in ok:  # a confirmed row paid for the individual model on top of its screening share
+        assert (r["compute_macs"] > confirm) == (r["decided_by"] == "retest")
+
+
+def test_stats_add_up(folder_run):
+    flags, stats = folder_run
+    _assert_stats_add_up(flags, stats)
+    assert stats["group_size"] == 8 and max(r["group_size"] for r in flags.to_pylist()) <= 8
+    assert stats["group_tests"] == stats["first_round_groups"] and stats["subgroup_cleared"] == 0  # two rounds
+
+
+def test_halving_retests_halves_on_cached_embeddings(planted, tmp_path, folder_run):
+    flags, stats = _run(tmp_path, str(planted.root), algorithm="halving")
+    assert flags.num_rows == planted.count == stats["images"]
+    _assert_finds_planted(flags, planted)
+    _assert_stats_add_up(flags, stats)
+    card = load_checkpoint(DEFAULT_GROUP_MODEL)[1]
+    rows = flags.to_pylist()
+    dorfman_rows = {r["uri"]: r for r in folder_run[0].to_pylist()}
+    for r in rows:
+        # same seed, same first-round groups and scores as the two-round run
+        assert r["group_id"] == dorfman_rows[r["uri"]]["group_id"]
+        assert r["group_score"] == pytest.approx(dorfman_rows[r["uri"]]["group_score"])
+        positive_group = r["group_score"] >= card.threshold_for(r["group_size"])
+        assert (r["decided_by"] == "group") == (not positive_group)
+    # halving confirms only images whose every sub-group tested positive: never more than Dorfman
+    assert stats["retests"] <= folder_run[1]["retests"]
+    assert stats["group_tests"] >= stats["first_round_groups"]
+
+
+def test_overlap_and_auto_group_size(planted, tmp_path):
+    flags, stats = _run(tmp_path, str(planted.root), algorithm="overlap", group_size="auto")
+    assert flags.num_rows == planted.count == stats["images"]
+    _assert_finds_planted(flags, planted)
+    _assert_stats_add_up(flags, stats)
+    card = load_checkpoint(DEFAULT_GROUP_MODEL)[1]
+    assert stats["group_size"] == 0 and 1 <= stats["mean_group_size"] <= max(card.calibrated_sizes)
+    assert stats["group_tests"] == pytest.approx(2 * stats["first_round_groups"], abs=1)  # two partitions
 
 
 def test_s3_bucket_in_and_out(planted, s3_server, tmp_path):
@@ -168,4 +217,7 @@ def test_bad_objects_become_error_rows(planted, tmp_path):
         assert rows[name]["flagged"] is False and rows[name]["score"] is None
     for p in good:
         assert rows[p.name]["error"] is None and rows[p.name]["decided_by"] in ("group", "retest")
+        assert rows[p.name]["compute_macs"] > 0
+    for name in bad:
+        assert rows[name]["compute_macs"] is None and rows[name]["group_id"] is None
     assert stats["errors"] == len(bad)

@@ -1,0 +1,144 @@
+"""Group-testing algorithms over any scorer: two-round Dorfman, recursive halving, overlapping pools.
+
+Each algorithm screens ``n`` items with group tests and leaves a set of *candidates* for the
+final individual confirmation. The scorer is called once per round with every sub-group of that
+round, so a model scores them in one batched forward pass; with cached per-image embeddings a
+halving retest costs only the shared (post-merge) stages. Kept free of torch and Ray so the same
+code runs in the screen actor, in the evaluation job and against a perfect oracle in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ngt_ray.grouping import form_groups
+
+__all__ = ["ALGORITHMS", "Screening", "screen", "split_halves"]
+
+ALGORITHMS = ("dorfman", "halving", "overlap")
+
+Scorer = Callable[[list[np.ndarray]], np.ndarray]  # member-index arrays -> one score per group
+Thresholds = Callable[[int], float]  # group size -> threshold on the score
+Costs = Callable[[int], float]  # group size -> cost of one test of that size
+
+
+@dataclass
+class Screening:
+    """Per item (arrays of length n) plus totals of one screening run."""
+
+    candidate: np.ndarray  # bool: not cleared by any test -> individual confirmation
+    group: np.ndarray  # int: index of the item's first-round group (first partition for overlap)
+    groups: list[np.ndarray]  # first-round groups, by index
+    group_score: np.ndarray  # float: the first-round group's score
+    score: np.ndarray  # float: score of the last test the item took part in (overlap: the lower of two)
+    share: dict[int, np.ndarray]  # per tested size: sum of 1/size over the item's tests of that size
+    rounds: int
+    decided_in_round_one: np.ndarray  # bool: cleared by its first-round group(s)
+
+    @property
+    def tests(self) -> np.ndarray:
+        """Per item: its share of the tests (sums to the number of tests)."""
+        return sum(self.share.values(), np.zeros_like(self.score))
+
+    @property
+    def n_tests(self) -> int:
+        return round(float(self.tests.sum()))
+
+    def cost(self, per_test: Costs) -> np.ndarray:
+        """Per item: its share of the tests' cost, ``per_test(size)`` for one test of that size."""
+        return sum((per_test(size) * share for size, share in self.share.items()), np.zeros_like(self.score))
+
+
+def split_halves(members: np.ndarray) -> list[np.ndarray]:
+    """A group's two halves (the first takes the odd one out)."""
+    mid = -(-len(members) // 2)
+    return [members[:mid], members[mid:]]
+
+
+class _Ledger:
+    """Runs rounds of tests and books each test's share onto its members."""
+
+    def __init__(self, n: int, score: Scorer, threshold: Thresholds) -> None:
+        self.n, self.score_fn, self.threshold = n, score, threshold
+        self.score = np.full(n, np.nan, dtype=np.float64)
+        self.share: dict[int, np.ndarray] = {}
+        self.rounds = 0
+
+    def run(self, groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Test ``groups`` in one round; return their scores and which were positive."""
+        if not groups:
+            return np.zeros(0), np.zeros(0, dtype=bool)
+        scores = np.asarray(self.score_fn(groups), dtype=np.float64)
+        if scores.shape != (len(groups),):
+            raise ValueError(f"scorer returned shape {scores.shape} for {len(groups)} groups")
+        positive = np.array([s >= self.threshold(len(g)) for g, s in zip(groups, scores)], dtype=bool)
+        for g, s in zip(groups, scores):
+            self.score[g] = s
+            self.share.setdefault(len(g), np.zeros(self.n))[g] += 1.0 / len(g)
+        self.rounds += 1
+        return scores, positive
+
+
+def screen(algorithm: str, n: int, k: int, rng: np.random.Generator, score: Scorer, threshold: Thresholds,
+           min_size: int = 1) -> Screening:
+    """Screen ``n`` items in groups of ``k`` (random membership from ``rng``).
+
+    * ``dorfman``: one round; every member of a positive group is a candidate.
+    * ``halving``: a positive group larger than ``min_size`` is split in halves that are tested in
+      the next round, down to groups of ``min_size`` (1: single images); members of positive
+      groups of at most ``min_size`` are candidates.
+    * ``overlap`` (non-adaptive): every item sits in two groups of two independent partitions,
+      all tested in one round; an item is a candidate when both its groups are positive.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if min_size < 1:
+        raise ValueError(f"min_size must be >= 1, got {min_size}")
+    ledger = _Ledger(n, score, threshold)
+    groups = form_groups(n, k, rng)
+    group = np.full(n, -1, dtype=np.int64)
+    for i, g in enumerate(groups):
+        group[g] = i
+    candidate = np.zeros(n, dtype=bool)
+    if algorithm == "overlap":
+        second = form_groups(n, k, rng)
+        scores, positive = ledger.run(groups + second)
+        first_pos, second_pos = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        for g, p in zip(groups, positive[: len(groups)]):
+            first_pos[g] = p
+        for g, p in zip(second, positive[len(groups):]):
+            second_pos[g] = p
+        candidate = first_pos & second_pos
+        group_scores = scores[: len(groups)]
+        cleared_first = ~candidate
+        # the deciding score is the lower of the two (one negative group clears the item)
+        first_score = np.empty(n)
+        for g, sc in zip(groups, group_scores):
+            first_score[g] = sc
+        ledger.score = np.minimum(ledger.score, first_score)
+    else:
+        group_scores, positive = ledger.run(groups)
+        cleared_first = np.ones(n, dtype=bool)
+        pending = [g for g, p in zip(groups, positive) if p]
+        for g in pending:
+            cleared_first[g] = False
+        while pending:
+            done = [g for g in pending if algorithm == "dorfman" or len(g) <= min_size]
+            for g in done:
+                candidate[g] = True
+            halves = [h for g in pending if len(g) > min_size and algorithm == "halving" for h in split_halves(g)]
+            scores, positive = ledger.run(halves)
+            pending = [g for g, p in zip(halves, positive) if p]
+    group_score = np.full(n, np.nan, dtype=np.float64)
+    for g, s in zip(groups, group_scores):
+        group_score[g] = s
+    return Screening(candidate, group, groups, group_score, ledger.score, ledger.share, ledger.rounds, cleared_first)
+
+
+def oracle_scorer(positives: Sequence[bool]) -> Scorer:
+    """A perfect test: 1 when a group holds a positive, else 0 (for tests and theory checks)."""
+    truth = np.asarray(positives, dtype=bool)
+    return lambda groups: np.array([float(truth[g].any()) for g in groups])

@@ -1,0 +1,78 @@
+"""Per-size calibration of a screen model on validation groups.
+
+A group threshold does not carry over between group sizes (a max over 16 images looks more
+"positive" than a max over 4), nor between designs. For every size the screen will test, groups of
+held-out photos are scored and the highest threshold meeting the target recall of positive groups
+is kept, with the recall and the pass rate of negative groups measured there: the numbers the
+``--group-size auto`` cost model and the halving retests read from the model card.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ngt_ray.calibration import binary_metrics, threshold_for_recall
+from ngt_ray.checkpoint import ModelCard, load_checkpoint, write_card
+from ngt_ray.datasets import caltech_split
+from ngt_ray.embeddings import embed_images, sample_groups, score_cached_groups
+from ngt_ray.model import GroupTestingModel
+from ngt_ray.runtime import pick_device
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_SIZES", "calibrate_sizes"]
+
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def calibrate_sizes(model: GroupTestingModel, card: ModelCard, embedded: torch.Tensor, labels: np.ndarray,
+                    sizes: Sequence[int] = DEFAULT_SIZES, target_recall: float = 0.99, groups_per_size: int = 600,
+                    seed: int = 0, device: torch.device | str = "cpu", split: str = "caltech101 val") -> ModelCard:
+    """A copy of ``card`` with a threshold per size in ``sizes`` (size 1: every image once)."""
+    device = torch.device(device)
+    rng = np.random.default_rng(seed)
+    table, metrics = {}, {}
+    for k in sizes:
+        if k > int((labels == 0).sum()) + 1:
+            log.warning("skipping size %d: too few validation negatives", k)
+            continue
+        groups = ([[i] for i in range(len(labels))] if k == 1
+                  else sample_groups(labels, k, groups_per_size, rng))
+        scores = torch.sigmoid(score_cached_groups(model, embedded, groups, device)).numpy()
+        truth = np.array([int(labels[g].any()) for g in groups])
+        threshold = threshold_for_recall(scores[truth == 1], target_recall)
+        m = metrics[k] = binary_metrics(truth, scores, threshold)
+        table[str(k)] = {"threshold": threshold, "recall": m["recall"], "negative_pass_rate": m["false_positive_rate"],
+                         "auc": m["auc"], "positive_groups": m["positives"], "negative_groups": m["negatives"]}
+        log.info("size %d: threshold %.4f, recall %.3f, negative pass rate %.3f, AUC %.3f", k, threshold,
+                 m["recall"], m["false_positive_rate"], m["auc"])
+    validation = dict(card.validation)
+    validation["calibration"] = {"split": split, "target_recall": target_recall, "groups_per_size": groups_per_size,
+                                 "positive_group_fraction": 0.5}
+    if card.group_size in metrics:  # the headline numbers follow the new threshold at the trained size
+        validation.update(metrics[card.group_size], target_recall=target_recall, split=split,
+                          unit="image" if card.group_size == 1 else f"group of {card.group_size}")
+    return replace(card, calibration=table, validation=validation,
+                   threshold=table.get(str(card.group_size), {}).get("threshold", card.threshold))
+
+
+def recalibrate(stem: str | Path, data: Path, sizes: Sequence[int] = DEFAULT_SIZES, target_recall: float = 0.99,
+                groups_per_size: int = 600, seed: int = 0, device: str = "auto", batch: int = 32) -> ModelCard:
+    """Re-calibrate a saved screen checkpoint on the whole ``val`` split and rewrite its card."""
+    model, card = load_checkpoint(stem)
+    if card.design == "individual":
+        raise ValueError(f"{stem} is an individual model; calibrate a screen (group) model")
+    dev = pick_device(device)
+    model = model.to(dev)
+    items = caltech_split(data, "val")
+    labels = np.array([label for _, label in items])
+    embedded = embed_images(model, items, card.input_size, batch, dev)
+    card = calibrate_sizes(model, card, embedded, labels, sizes, target_recall, groups_per_size, seed, dev)
+    write_card(card, stem)
+    return card

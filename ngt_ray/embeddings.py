@@ -1,0 +1,82 @@
+"""Per-image embeddings cached once, and groups sampled from them.
+
+Training, calibration and evaluation all score many groups built from the same few thousand
+photos. The per-image stages are computed once per image (fp16 on the CPU); each group then costs
+only the shared stages, which is what makes thousands of groups affordable on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ngt_ray.datasets import LabelledImage
+from ngt_ray.decode import decode_image
+from ngt_ray.model import GroupTestingModel
+from ngt_ray.runtime import inference_context
+
+__all__ = ["embed_images", "sample_groups", "score_cached_groups"]
+
+
+def embed_images(model: GroupTestingModel, items: Sequence[LabelledImage], size: int, batch: int,
+                 device: torch.device, flip: bool = False) -> torch.Tensor:
+    """``model.embed`` of each photo decoded at ``size`` (mirrored if ``flip``), fp16 on the CPU."""
+    chunks = []
+    for i in range(0, len(items), batch):
+        arrays = []
+        for path, _ in items[i : i + batch]:
+            arr, err = decode_image(path.read_bytes(), size)
+            if arr is None:
+                raise ValueError(f"image {path} failed to decode: {err}")
+            arrays.append(arr[:, :, ::-1] if flip else arr)
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).to(device)
+        with inference_context(device):
+            chunks.append(model.embed(x).half().cpu())
+    return torch.cat(chunks)
+
+
+def gather(embedded: torch.Tensor, groups: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """The members' cached embeddings, group after group, as fp32 on ``device``."""
+    idx = torch.tensor([j for g in groups for j in g], dtype=torch.long)
+    return embedded[idx].to(device).float()
+
+
+def score_cached_groups(model: GroupTestingModel, embedded: torch.Tensor, groups: Sequence[Sequence[int]],
+                        device: torch.device, batch_images: int = 256, features: bool = False) -> torch.Tensor:
+    """Logits (or pooled features) of ``groups`` of cached embeddings, ``batch_images`` members at a time."""
+    out, chunk, members = [], [], 0
+    for g in [*groups, None]:
+        if g is None or (chunk and members + len(g) > batch_images):
+            with inference_context(device):
+                h = gather(embedded, chunk, device)
+                sizes = [len(c) for c in chunk]
+                res = model.group_features(h, sizes) if features else model.score_groups(h, sizes)
+            out.append(res.float().cpu())
+            chunk, members = [], 0
+        if g is not None:
+            chunk.append(list(g))
+            members += len(g)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def sample_groups(labels: np.ndarray, k: int, n: int, rng: np.random.Generator, positive_fraction: float = 0.5,
+                  negative_weights: np.ndarray | None = None) -> list[list[int]]:
+    """``n`` groups of ``k`` distinct items; ``positive_fraction`` of them hold one positive (a fifth
+    of those two, when k allows). ``negative_weights`` biases which negatives are drawn (hard
+    negative mining); positives are drawn uniformly."""
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if k > len(neg) + 1:
+        raise ValueError(f"groups of {k} need at least {k - 1} negatives, have {len(neg)}")
+    p = None if negative_weights is None else negative_weights[neg] / negative_weights[neg].sum()
+    groups = []
+    n_positive = round(n * positive_fraction)
+    for g in range(n):
+        members = list(rng.choice(neg, min(k, len(neg)), replace=False, p=p))[:k]
+        if g < n_positive:
+            n_pos = min(len(pos), 1 if rng.random() < 0.8 else min(2, k))
+            members[:n_pos] = rng.choice(pos, n_pos, replace=False)
+        rng.shuffle(members)
+        groups.append([int(m) for m in members])
+    return groups

@@ -1,0 +1,98 @@
+"""Expected cost per image of each algorithm, the group size that minimises it, and a running
+prevalence estimate, so ``--group-size auto`` adapts as the job streams.
+
+Costs come from the real modules (MACs counted by flop_counter, or seconds measured on the
+device); test behaviour comes from the calibration stored in the model card: per group size the
+recall of positive groups and the pass rate of negative groups at the calibrated threshold.
+Tests are treated as independent given the group's content, the standard approximation in the
+group-testing literature; the evaluation job measures the real thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ngt_ray.costs import StageCosts
+
+__all__ = ["PrevalenceEstimate", "ScreenQuality", "choose_group_size", "expected_cost"]
+
+
+@dataclass(frozen=True)
+class ScreenQuality:
+    """Calibrated behaviour of the screen test per group size (from the model card)."""
+
+    recall: Mapping[int, float]  # P(test positive | group holds a positive)
+    pass_rate: Mapping[int, float]  # P(test positive | group holds none)
+
+    @classmethod
+    def from_card(cls, calibration: Mapping[str, Mapping[str, float]]) -> ScreenQuality:
+        return cls({int(k): v["recall"] for k, v in calibration.items()},
+                   {int(k): v["negative_pass_rate"] for k, v in calibration.items()})
+
+    def _nearest(self, table: Mapping[int, float], size: int) -> float:
+        # uncalibrated size: the nearest calibrated one (ties: the larger, more pessimistic on FPR)
+        return table[min(table, key=lambda s: (abs(s - size), -s))]
+
+    def positive(self, size: int, p: float) -> float:
+        """P(a test of ``size`` random items is positive) at prevalence ``p``."""
+        clean = (1.0 - p) ** size
+        return self._nearest(self.recall, size) * (1.0 - clean) + self._nearest(self.pass_rate, size) * clean
+
+
+def expected_cost(algorithm: str, k: int, p: float, costs: StageCosts, quality: ScreenQuality,
+                  min_size: int = 1) -> float:
+    """Expected cost per image of screening plus confirmation, relative units of ``costs``."""
+    pos = quality.positive
+    if algorithm == "dorfman":
+        return costs.embed + costs.group_cost(k) / k + pos(k, p) * costs.confirm
+    if algorithm == "overlap":
+        # an item is confirmed when both of its groups test positive
+        rec = quality.recall.get(k, quality._nearest(quality.recall, k))
+        both = p * rec**2 + (1 - p) * pos(k - 1, p) ** 2 if k > 1 else pos(1, p) ** 2
+        return costs.embed + 2 * costs.group_cost(k) / k + both * costs.confirm
+    if algorithm == "halving":
+
+        def below(size: int, parent: int) -> float:
+            """Expected cost of testing a half of ``size`` whose parent tested positive."""
+            p_here = min(1.0, pos(size, p) / max(pos(parent, p), 1e-12))
+            rest = size * costs.confirm if size <= min_size else 2 * below(-(-size // 2), size)
+            return costs.group_cost(size) + p_here * rest
+
+        rest = k * costs.confirm if k <= min_size else 2 * below(-(-k // 2), k)
+        return costs.embed + (costs.group_cost(k) + pos(k, p) * rest) / k
+    raise ValueError(f"unknown algorithm {algorithm!r}")
+
+
+def choose_group_size(algorithm: str, sizes: list[int], p: float, costs: StageCosts, quality: ScreenQuality,
+                      min_size: int = 1) -> int:
+    """The size among ``sizes`` (the calibrated ones) with the lowest expected cost per image."""
+    return min(sizes, key=lambda k: (expected_cost(algorithm, k, p, costs, quality, min_size), k))
+
+
+class PrevalenceEstimate:
+    """Running prevalence estimate from the fraction of positive first-round groups.
+
+    P(group positive) = r (1 - (1-p)^k) + f (1-p)^k is inverted for p, pooling groups seen so far
+    with a prior worth ``prior_groups`` groups at ``prior`` prevalence.
+    """
+
+    def __init__(self, prior: float = 0.01, prior_groups: float = 50.0) -> None:
+        self.prior, self.prior_groups = prior, prior_groups
+        self.groups = 0.0
+        self.evidence = 0.0  # sum of per-group prevalence estimates, weighted by groups
+
+    def update(self, k: int, n_groups: int, n_positive: int, quality: ScreenQuality) -> float:
+        if n_groups:
+            q = n_positive / n_groups
+            r, f = quality._nearest(quality.recall, k), quality._nearest(quality.pass_rate, k)
+            clean = np.clip((r - q) / max(r - f, 1e-6), 1e-9, 1.0)
+            self.evidence += n_groups * float(1.0 - clean ** (1.0 / k))
+            self.groups += n_groups
+        return self.value
+
+    @property
+    def value(self) -> float:
+        return (self.prior * self.prior_groups + self.evidence) / (self.prior_groups + self.groups)
