@@ -89,10 +89,12 @@ def _seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float
 
 
 def stage_seconds(screen: GroupTestingModel, individual: GroupTestingModel, screen_size: int, individual_size: int,
-                  sizes: Iterable[int], device: torch.device, batch: int | None = None, reps: int = 3) -> StageCosts:
+                  sizes: Iterable[int], device: torch.device, batch: int | None = None,
+                  reps: int | None = None) -> StageCosts:
     """Seconds of the three pieces on ``device``, per image or per test, at a realistic batch size
-    (256 images on a GPU, 16 on a CPU)."""
-    batch = batch or (256 if device.type == "cuda" else 16)
+    (256 images, 5 repeats on a GPU; 8 images, 2 repeats on a CPU, where each call is slow)."""
+    on_gpu = device.type == "cuda"
+    batch, reps = batch or (256 if on_gpu else 8), reps or (5 if on_gpu else 2)
     screen, individual = screen.to(device).eval(), individual.to(device).eval()
     x, xi, _ = _inputs(screen, screen_size, individual_size, device, batch)
     with inference_context(device):

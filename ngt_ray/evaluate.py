@@ -85,11 +85,17 @@ def _bucket(labels: np.ndarray, p: float, population: int | None, rng: np.random
 
 def _cell(algorithm: str, k: int, bucket: np.ndarray, labels: np.ndarray, individual_flag: np.ndarray,
           embedded: torch.Tensor, model, card, macs: StageCosts, seconds: StageCosts | None,
-          rng: np.random.Generator, device: torch.device) -> dict:
+          rng: np.random.Generator, device: torch.device, memo: dict[tuple, float]) -> dict:
     truth = labels[bucket] == 1
 
     def scorer(groups: list[np.ndarray]) -> np.ndarray:
-        return torch.sigmoid(score_cached_groups(model, embedded, [bucket[g] for g in groups], device)).numpy()
+        # algorithms share their first-round groups: score each distinct group once per bucket
+        keys = [tuple(bucket[g].tolist()) for g in groups]
+        todo = list(dict.fromkeys(key for key in keys if key not in memo))
+        if todo:
+            scores = torch.sigmoid(score_cached_groups(model, embedded, todo, device)).numpy()
+            memo.update(zip(todo, scores.tolist()))
+        return np.array([memo[key] for key in keys])
 
     result = screen(algorithm, len(bucket), k, rng, scorer, card.threshold_for)
     confirmed = result.candidate.copy()
@@ -126,6 +132,12 @@ def evaluate(cfg: EvaluationConfig) -> pa.Table:
     data = cfg.data or shared_data_root() / "caltech101"
     items = caltech_split(data, cfg.split)
     labels = np.array([label for _, label in items])
+    # The buckets first, so only photos some bucket uses are embedded (all of them at full size).
+    buckets = {(p, t): _bucket(labels, p, cfg.population, np.random.default_rng([cfg.seed, t, round(p * 1e6)]))
+               for p in cfg.prevalences for t in range(cfg.trials)}
+    used = np.unique(np.concatenate(list(buckets.values())))
+    items, labels = [items[i] for i in used], labels[used]
+    buckets = {key: np.searchsorted(used, b) for key, b in buckets.items()}
     individual, individual_card = load_checkpoint(cfg.individual_model, map_location=device)
     log.info("individual model on %d %s images", len(items), cfg.split)
     emb = embed_images(individual, items, individual_card.input_size, cfg.batch, device)
@@ -144,15 +156,16 @@ def evaluate(cfg: EvaluationConfig) -> pa.Table:
         model, individual = model.to(device), individual.to(device)
         log.info("%s: embedding %d images at %d px", Path(stem).name, len(items), card.input_size)
         embedded = embed_images(model, items, card.input_size, cfg.batch, device)
+        memos: dict[tuple, dict] = {key: {} for key in buckets}
         for p in cfg.prevalences:
             for k in cfg.sizes:
                 for algorithm in cfg.algorithms:
                     trials = []
                     for t in range(cfg.trials):
-                        bucket = _bucket(labels, p, cfg.population, np.random.default_rng([cfg.seed, t, round(p * 1e6)]))
+                        bucket = buckets[(p, t)]
                         rng = np.random.default_rng([cfg.seed, t, k])  # same groups for every algorithm
                         trials.append(_cell(algorithm, k, bucket, labels, individual_flag, embedded, model, card,
-                                            macs, seconds, rng, device))
+                                            macs, seconds, rng, device, memos[(p, t)]))
                     row = {key: float(np.nanmean([r[key] for r in trials])) for key in trials[0]}
                     row.update(model=Path(stem).name, design=card.design, algorithm=algorithm, k=k, prevalence=p,
                                trials=cfg.trials, timing_device=device.type if seconds else "")

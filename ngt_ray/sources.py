@@ -126,7 +126,8 @@ def read_source(
         schema = pq.read_schema(first, filesystem=loc.arrow_fs)
         image = _pick(schema.names, image_column, _IMAGE_COLUMNS, "image", loc.uri(first))
         key = _pick(schema.names, key_column, _KEY_COLUMNS, "key", loc.uri(first))
-        ds = ray.data.read_parquet(loc.path, filesystem=loc.arrow_fs, columns=[key, image], include_paths=True)
+        ds = ray.data.read_parquet(loc.path, filesystem=loc.arrow_fs, include_paths=True).select_columns(
+            [key, image, "path"])
 
         def to_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             uris = [f"{loc.uri(p)}#{k}" for p, k in zip(batch["path"], batch[key])]
