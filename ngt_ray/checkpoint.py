@@ -23,11 +23,11 @@ __all__ = [
 ]
 
 _PACKAGED = Path(__file__).parent / "checkpoints"
-DEFAULT_GROUP_MODEL = _PACKAGED / "revolver-lite0-feature-k8"
+DEFAULT_GROUP_MODEL = _PACKAGED / "revolver-lite0-tree-k8"  # the cheapest design in ``ngt-ray evaluate``
 DEFAULT_INDIVIDUAL_MODEL = _PACKAGED / "revolver-lite0-individual"
 
 
-def default_screen_model(design: str = "feature") -> Path:
+def default_screen_model(design: str = "tree") -> Path:
     """The packaged screen checkpoint of a merge design."""
     stem = _PACKAGED / f"revolver-lite0-{design}-k8"
     if not stem.with_suffix(".json").exists():

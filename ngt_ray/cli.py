@@ -33,15 +33,15 @@ def _add_moderate_args(p: argparse.ArgumentParser) -> None:
     from ngt_ray.checkpoint import DEFAULT_INDIVIDUAL_MODEL
     from ngt_ray.model import DESIGNS
 
-    p.add_argument("--design", default="feature", choices=DESIGNS,
+    p.add_argument("--design", default="tree", choices=DESIGNS,
                    help="merge design: picks the packaged screen model (ignored with --model)")
-    p.add_argument("--algorithm", default="dorfman", choices=ALGORITHMS,
+    p.add_argument("--algorithm", default="halving", choices=ALGORITHMS,
                    help="dorfman: two rounds; halving: positive groups split in halves on cached embeddings; "
                         "overlap: every image in two groups, non-adaptive")
     p.add_argument("--model", default=None, help="screen (group) checkpoint stem (default: the packaged one)")
     p.add_argument("--individual-model", default=str(DEFAULT_INDIVIDUAL_MODEL), help="confirmation checkpoint stem")
-    p.add_argument("--group-size", type=_group_size, default=None,
-                   help="k images per group test, or 'auto' to choose k per batch (default: the model's)")
+    p.add_argument("--group-size", type=_group_size, default="auto",
+                   help="k images per group test, or 'auto' (default) to choose k per batch from measured costs")
     p.add_argument("--min-size", type=int, default=1, help="halving stops at groups this small and confirms them")
     p.add_argument("--prevalence-prior", type=float, default=0.01, help="starting prevalence for --group-size auto")
     p.add_argument("--no-timing", action="store_true", help="skip measuring per-stage time (no time_saving)")

@@ -27,7 +27,11 @@ import torch
 
 from ngt_ray.algorithms import ALGORITHMS, screen
 from ngt_ray.calibration import roc_auc
-from ngt_ray.checkpoint import DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
+from ngt_ray.checkpoint import (
+    DEFAULT_GROUP_MODEL,
+    DEFAULT_INDIVIDUAL_MODEL,
+    load_checkpoint,
+)
 from ngt_ray.costs import StageCosts, plan_sizes, stage_macs, stage_seconds
 from ngt_ray.datasets import caltech_split, shared_data_root
 from ngt_ray.embeddings import embed_images, score_cached_groups
@@ -57,8 +61,6 @@ class EvaluationConfig:
 
 
 def packaged_screen_models() -> list[str]:
-    from ngt_ray.checkpoint import DEFAULT_GROUP_MODEL
-
     return [str(p.with_suffix("")) for p in sorted(DEFAULT_GROUP_MODEL.parent.glob("revolver-*-k*.json"))]
 
 
@@ -172,12 +174,19 @@ def evaluate(cfg: EvaluationConfig) -> pa.Table:
                     rows.append(row)
                     log.info("%s %s k=%d p=%.3f: recall %.2f, relative MACs %.3f, time %.3f", card.design,
                              algorithm, k, p, row["recall"], row["relative_macs"], row["relative_time"])
+        table = _write(rows, cfg)  # after every model, so a long run keeps what it has measured
+    if not rows:
+        raise ValueError("no screen models to evaluate (individual models have no group test)")
+    print(_markdown(table, cfg, best_only=True))
+    return table
+
+
+def _write(rows: list[dict], cfg: EvaluationConfig) -> pa.Table:
     table = pa.Table.from_pylist(rows)
     cfg.output.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, cfg.output / "results.parquet")
     (cfg.output / "results.md").write_text(_markdown(table, cfg))
     _plots(table, cfg.output)
-    print(_markdown(table, cfg, best_only=True))
     return table
 
 

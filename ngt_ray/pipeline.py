@@ -45,9 +45,9 @@ class ModerationConfig:
     output: str
     model: str | None = None  # None: the packaged screen model of ``design``
     individual_model: str = str(DEFAULT_INDIVIDUAL_MODEL)
-    design: str = "feature"  # which packaged screen model to use when ``model`` is not given
-    algorithm: str = "dorfman"
-    group_size: int | str | None = None  # None: the size the screen model was trained for; "auto": chosen per batch
+    design: str = "tree"  # which packaged screen model to use when ``model`` is not given
+    algorithm: str = "halving"
+    group_size: int | str | None = "auto"  # "auto": chosen per batch; None: the size the model was trained for
     min_size: int = 1  # halving stops at groups of this size and confirms their members
     prevalence_prior: float = 0.01  # starting point of the running estimate for group_size "auto"
     measure_time: bool = True  # time each stage on the actors' device and report time_saving

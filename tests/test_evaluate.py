@@ -8,7 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from ngt_ray.checkpoint import DEFAULT_GROUP_MODEL
-from ngt_ray.evaluate import EvaluationConfig, dorfman_reference, entropy_bound, evaluate
+from ngt_ray.evaluate import (
+    EvaluationConfig,
+    dorfman_reference,
+    entropy_bound,
+    evaluate,
+)
 
 
 def test_reference_curves_match_theory():

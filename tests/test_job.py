@@ -14,8 +14,8 @@ import pytest
 import s3fs
 
 from ngt_ray.checkpoint import (
-    DEFAULT_GROUP_MODEL,
     DEFAULT_INDIVIDUAL_MODEL,
+    default_screen_model,
     load_checkpoint,
 )
 from ngt_ray.grouping import dorfman_decide
@@ -51,7 +51,12 @@ def _assert_finds_planted(flags: pa.Table, planted, key=lambda name: name) -> No
 
 @pytest.fixture(scope="module")
 def folder_run(planted, tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("folder"), str(planted.root))
+    """Two-round Dorfman with the feature-merge model at k = 8 (the defaults are tree, halving, auto)."""
+    return _run(tmp_path_factory.mktemp("folder"), str(planted.root), **_DORFMAN)
+
+
+_DORFMAN = {"design": "feature", "algorithm": "dorfman", "group_size": 8}
+_FEATURE = default_screen_model("feature")
 
 
 def test_folder_bucket_flags_planted_positives(folder_run, planted):
@@ -67,7 +72,7 @@ def test_folder_bucket_flags_planted_positives(folder_run, planted):
 def test_decisions_equal_plain_reference(folder_run):
     flags, stats = folder_run
     rows = flags.to_pylist()
-    card = load_checkpoint(DEFAULT_GROUP_MODEL)[1]
+    card = load_checkpoint(_FEATURE)[1]
     i_thr = load_checkpoint(DEFAULT_INDIVIDUAL_MODEL)[1].threshold
     assert stats["individual_threshold"] == pytest.approx(i_thr)
     by_group: dict[int, list[dict]] = {}
@@ -119,11 +124,11 @@ def test_stats_add_up(folder_run):
 
 
 def test_halving_retests_halves_on_cached_embeddings(planted, tmp_path, folder_run):
-    flags, stats = _run(tmp_path, str(planted.root), algorithm="halving")
+    flags, stats = _run(tmp_path, str(planted.root), **{**_DORFMAN, "algorithm": "halving"})
     assert flags.num_rows == planted.count == stats["images"]
     _assert_finds_planted(flags, planted)
     _assert_stats_add_up(flags, stats)
-    card = load_checkpoint(DEFAULT_GROUP_MODEL)[1]
+    card = load_checkpoint(_FEATURE)[1]
     rows = flags.to_pylist()
     dorfman_rows = {r["uri"]: r for r in folder_run[0].to_pylist()}
     for r in rows:
@@ -138,11 +143,11 @@ def test_halving_retests_halves_on_cached_embeddings(planted, tmp_path, folder_r
 
 
 def test_overlap_and_auto_group_size(planted, tmp_path):
-    flags, stats = _run(tmp_path, str(planted.root), algorithm="overlap", group_size="auto")
+    flags, stats = _run(tmp_path, str(planted.root), design="feature", algorithm="overlap", group_size="auto")
     assert flags.num_rows == planted.count == stats["images"]
     _assert_finds_planted(flags, planted)
     _assert_stats_add_up(flags, stats)
-    card = load_checkpoint(DEFAULT_GROUP_MODEL)[1]
+    card = load_checkpoint(_FEATURE)[1]
     assert stats["group_size"] == 0 and 1 <= stats["mean_group_size"] <= max(card.calibrated_sizes)
     assert stats["group_tests"] == pytest.approx(2 * stats["first_round_groups"], abs=1)  # two partitions
 
@@ -156,6 +161,9 @@ def test_s3_bucket_in_and_out(planted, s3_server, tmp_path):
     assert flags.num_rows == planted.count == stats["images"]
     assert all(u.startswith("s3://moderation-in/photos/") for u in flags.column("uri").to_pylist())
     _assert_finds_planted(flags, planted)
+    # the defaults: tree merge, recursive halving, group size chosen per batch
+    assert (stats["design"], stats["algorithm"], stats["group_size"]) == ("tree", "halving", 0)
+    _assert_stats_add_up(flags, stats)
 
 
 def test_s3_wrong_credentials_fail_clearly(planted, s3_server, tmp_path, monkeypatch):
@@ -216,7 +224,7 @@ def test_bad_objects_become_error_rows(planted, tmp_path):
         assert rows[name]["decided_by"] == "error" and rows[name]["error"], rows[name]
         assert rows[name]["flagged"] is False and rows[name]["score"] is None
     for p in good:
-        assert rows[p.name]["error"] is None and rows[p.name]["decided_by"] in ("group", "retest")
+        assert rows[p.name]["error"] is None and rows[p.name]["decided_by"] in ("group", "subgroup", "retest")
         assert rows[p.name]["compute_macs"] > 0
     for name in bad:
         assert rows[name]["compute_macs"] is None and rows[name]["group_id"] is None
