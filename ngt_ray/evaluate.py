@@ -237,6 +237,7 @@ def _plots(table: pa.Table, output: Path) -> None:
     axes[0].legend(fontsize=7)
     axes[1].set(xscale="log", xlabel="group size k", ylabel="recall (mean over prevalences)", title="Recall vs k",
                 ylim=(0, 1.05))
+    axes[1].minorticks_off()
     axes[1].set_xticks(sorted(df["k"].unique()), labels=[str(k) for k in sorted(df["k"].unique())])
     axes[1].legend(fontsize=7)
     fig.tight_layout()
