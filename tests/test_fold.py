@@ -1,0 +1,50 @@
+"""BatchNorm folding: exact on real backbones, refused where registration order lies about data flow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ngt_ray.backbone import build_backbone
+from ngt_ray.fold import FoldError, fold_batchnorm
+from ngt_ray.model import GroupTestingModel
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet18", "mobilenet_v3_small"])
+def test_folding_is_exact_and_removes_every_batchnorm_after_a_conv(name):
+    torch.manual_seed(0)
+    model = GroupTestingModel(build_backbone(name), (4, 6, 8), "tree").eval()
+    for bn in model.modules():  # non-trivial statistics, so an unfolded BN would show
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8)
+    folded, count = fold_batchnorm(model, x)
+    assert count > 0
+    remaining = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(remaining) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - count
+    with torch.no_grad():  # grouped scoring agrees too, not only the example the fold was checked on
+        want = model.forward_groups(x, [2, 2])
+        got = folded.forward_groups(x, [2, 2])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+class _BatchNormFirst(nn.Module):
+    """Registers conv before BN but applies BN first: a pair that must not be folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn.running_mean.uniform_(-1, 1)
+        self.bn.running_var.uniform_(0.2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.bn(x))
+
+
+def test_a_fold_that_changes_the_output_is_refused():
+    torch.manual_seed(0)
+    with pytest.raises(FoldError):
+        fold_batchnorm(_BatchNormFirst(), torch.randn(2, 4, 8, 8))
