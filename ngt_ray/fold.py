@@ -11,12 +11,13 @@ fold is checked numerically against the unfolded model and refused if it is not 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["fold_batchnorm", "FoldError"]
+__all__ = ["FoldError", "fold_batchnorm"]
 
 
 class FoldError(RuntimeError):
@@ -26,7 +27,7 @@ class FoldError(RuntimeError):
 def _fold_children(parent: nn.Module) -> int:
     folded = 0
     children = list(parent.named_children())
-    for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+    for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.num_features == conv.out_channels:
             setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
             setattr(parent, bn_name, nn.Identity())
