@@ -1,7 +1,6 @@
-"""Group-testing bookkeeping: forming groups and the two-round (Dorfman) decision rule.
+"""Group-testing bookkeeping: forming groups reproducibly and naming them stably.
 
-Kept free of Ray and torch so the rule can be checked against a plain reference and reused by the
-screen and retest stages alike.
+Kept free of Ray and torch; the algorithms that decide over groups live in ``ngt_ray.algorithms``.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["batch_rng", "dorfman_decide", "form_groups", "group_id"]
+__all__ = ["batch_rng", "form_groups", "group_id"]
 
 
 
@@ -34,23 +33,3 @@ def group_id(keys: Sequence[str]) -> int:
     """A stable non-negative 63-bit id from the members' keys (unique for distinct member sets)."""
     digest = hashlib.blake2b("\0".join(keys).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
-
-
-def dorfman_decide(
-    group_scores: np.ndarray,
-    group_threshold: float,
-    individual_scores: np.ndarray,
-    individual_threshold: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per image: ``(flagged, retested, score)`` under two-round Dorfman testing.
-
-    A group whose score is below its threshold clears every member (score = the group score);
-    members of a positive group are decided by their individual score. ``individual_scores`` is
-    only read where the group was positive (NaN elsewhere is fine).
-    """
-    group_scores = np.asarray(group_scores, dtype=np.float32)
-    individual_scores = np.asarray(individual_scores, dtype=np.float32)
-    retested = group_scores >= group_threshold
-    score = np.where(retested, individual_scores, group_scores).astype(np.float32)
-    flagged = retested & (individual_scores >= individual_threshold)
-    return flagged, retested, score

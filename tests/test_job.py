@@ -18,7 +18,6 @@ from ngt_ray.checkpoint import (
     default_screen_model,
     load_checkpoint,
 )
-from ngt_ray.grouping import dorfman_decide
 from ngt_ray.pipeline import ModerationConfig, run_moderation
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -87,13 +86,6 @@ def test_decisions_equal_plain_reference(folder_run):
         else:
             expected = ("retest", r["score"] >= i_thr, r["score"])
         assert (r["decided_by"], r["flagged"], r["score"]) == pytest.approx(expected)
-    # and the vectorised two-round rule agrees with it
-    g = np.array([r["group_score"] for r in rows], dtype=np.float32)
-    g_thr = np.array([card.threshold_for(r["group_size"]) for r in rows], dtype=np.float32)
-    ind = np.array([r["score"] if r["decided_by"] == "retest" else np.nan for r in rows], dtype=np.float32)
-    flagged, retested, _ = dorfman_decide(g - g_thr, 0.0, ind, i_thr)
-    assert flagged.tolist() == [r["flagged"] for r in rows]
-    assert retested.tolist() == [r["decided_by"] == "retest" for r in rows]
 
 
 def _assert_stats_add_up(flags: pa.Table, stats: dict) -> None:

@@ -19,7 +19,7 @@ from ngt_ray.checkpoint import (
 )
 from ngt_ray.costs import count_macs, plan_sizes, stage_macs
 from ngt_ray.decode import decode_image
-from ngt_ray.grouping import dorfman_decide, form_groups, group_id
+from ngt_ray.grouping import form_groups, group_id
 from ngt_ray.model import GroupTestingModel, merge_max, merge_segments
 
 
@@ -93,21 +93,6 @@ def test_groups_cover_every_image_once(n, k, seed):
 def test_group_ids_are_stable_and_distinct():
     assert group_id(["a", "b"]) == group_id(["a", "b"]) != group_id(["b", "a"])
     assert 0 <= group_id(["x"]) < 2**63
-
-
-@given(
-    st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=50),
-    st.floats(0, 1), st.floats(0, 1),
-)
-def test_vectorised_dorfman_matches_plain_rule(pairs, g_thr, i_thr):
-    g = np.array([p[0] for p in pairs], dtype=np.float32)
-    ind = np.array([p[1] for p in pairs], dtype=np.float32)
-    flagged, retested, score = dorfman_decide(g, g_thr, ind, i_thr)
-    for j, (gs, is_) in enumerate(zip(g, ind)):
-        positive_group = gs >= np.float32(g_thr)
-        assert retested[j] == positive_group
-        assert flagged[j] == (positive_group and is_ >= np.float32(i_thr))
-        assert score[j] == (is_ if positive_group else gs)
 
 
 @settings(max_examples=200)
