@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ngt_ray.backbone import build_backbone
+from ngt_ray.grouping import nearest_size
 from ngt_ray.model import GroupTestingModel
 
 __all__ = [
@@ -59,8 +60,7 @@ class ModelCard:
         one (ties: the larger), and a card without calibration its single threshold."""
         if not self.calibration:
             return self.threshold
-        nearest = min(self.calibration, key=lambda s: (abs(int(s) - size), -int(s)))
-        return float(self.calibration[nearest]["threshold"])
+        return float(self.calibration[nearest_size(self.calibration, size)]["threshold"])
 
     @property
     def calibrated_sizes(self) -> list[int]:

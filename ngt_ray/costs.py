@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ngt_ray.grouping import nearest_size
 from ngt_ray.model import GroupTestingModel
 from ngt_ray.runtime import inference_context
 
@@ -34,7 +35,7 @@ class StageCosts:
 
     def group_cost(self, size: int) -> float:
         """Cost of one test of ``size``; an unlisted size takes the nearest listed (ties: larger)."""
-        return self.group[min(self.group, key=lambda s: (abs(s - size), -s))]
+        return self.group[nearest_size(self.group, size)]
 
 
 def plan_sizes(k: int | Iterable[int]) -> list[int]:

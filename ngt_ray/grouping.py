@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["batch_rng", "form_groups", "group_id"]
+__all__ = ["batch_rng", "form_groups", "group_id", "nearest_size"]
 
 
 
@@ -33,3 +33,10 @@ def group_id(keys: Sequence[str]) -> int:
     """A stable non-negative 63-bit id from the members' keys (unique for distinct member sets)."""
     digest = hashlib.blake2b("\0".join(keys).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def nearest_size(sizes: Iterable[int | str], size: int) -> int | str:
+    """The entry of ``sizes`` (ints, or their JSON string form) nearest to ``size``; ties go to the
+    larger, the more pessimistic for thresholds, pass rates and costs. One rule for every per-size
+    table: calibration thresholds, test quality and stage costs."""
+    return min(sizes, key=lambda s: (abs(int(s) - size), -int(s)))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ngt_ray.costs import StageCosts
+from ngt_ray.grouping import nearest_size
 
 __all__ = ["PrevalenceEstimate", "ScreenQuality", "choose_group_size", "expected_cost"]
 
@@ -32,14 +33,16 @@ class ScreenQuality:
         return cls({int(k): v["recall"] for k, v in calibration.items()},
                    {int(k): v["negative_pass_rate"] for k, v in calibration.items()})
 
-    def _nearest(self, table: Mapping[int, float], size: int) -> float:
-        # uncalibrated size: the nearest calibrated one (ties: the larger, more pessimistic on FPR)
-        return table[min(table, key=lambda s: (abs(s - size), -s))]
+    def recall_at(self, size: int) -> float:
+        return self.recall[nearest_size(self.recall, size)]
+
+    def pass_rate_at(self, size: int) -> float:
+        return self.pass_rate[nearest_size(self.pass_rate, size)]
 
     def positive(self, size: int, p: float) -> float:
         """P(a test of ``size`` random items is positive) at prevalence ``p``."""
         clean = (1.0 - p) ** size
-        return self._nearest(self.recall, size) * (1.0 - clean) + self._nearest(self.pass_rate, size) * clean
+        return self.recall_at(size) * (1.0 - clean) + self.pass_rate_at(size) * clean
 
 
 def expected_cost(algorithm: str, k: int, p: float, costs: StageCosts, quality: ScreenQuality,
@@ -50,7 +53,7 @@ def expected_cost(algorithm: str, k: int, p: float, costs: StageCosts, quality: 
         return costs.embed + costs.group_cost(k) / k + pos(k, p) * costs.confirm
     if algorithm == "overlap":
         # an item is confirmed when both of its groups test positive
-        rec = quality.recall.get(k, quality._nearest(quality.recall, k))
+        rec = quality.recall_at(k)
         both = p * rec**2 + (1 - p) * pos(k - 1, p) ** 2 if k > 1 else pos(1, p) ** 2
         return costs.embed + 2 * costs.group_cost(k) / k + both * costs.confirm
     if algorithm == "halving":
@@ -87,7 +90,7 @@ class PrevalenceEstimate:
     def update(self, k: int, n_groups: int, n_positive: int, quality: ScreenQuality) -> float:
         if n_groups:
             q = n_positive / n_groups
-            r, f = quality._nearest(quality.recall, k), quality._nearest(quality.pass_rate, k)
+            r, f = quality.recall_at(k), quality.pass_rate_at(k)
             clean = np.clip((r - q) / max(r - f, 1e-6), 1e-9, 1.0)
             self.evidence += n_groups * float(1.0 - clean ** (1.0 / k))
             self.groups += n_groups
