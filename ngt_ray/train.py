@@ -26,8 +26,15 @@ from ngt_ray.backbone import build_backbone
 from ngt_ray.calibrate import DEFAULT_SIZES, calibrate_sizes
 from ngt_ray.calibration import binary_metrics, threshold_for_recall
 from ngt_ray.checkpoint import ModelCard, save_checkpoint
-from ngt_ray.datasets import LabelledImage, caltech_split
-from ngt_ray.embeddings import embed_images, gather, sample_groups, score_cached_groups
+from ngt_ray.datasets import caltech_split
+from ngt_ray.embeddings import (
+    embed_images,
+    hard_negative_weights,
+    score_cached_groups,
+    subsample_negatives,
+    training_embeddings,
+)
+from ngt_ray.finetune import FinetuneConfig, finetune_groups
 from ngt_ray.model import GroupTestingModel
 from ngt_ray.runtime import pick_device
 
@@ -75,65 +82,6 @@ class TrainConfig:
         return f"revolver-lite0-{self.design}-k{self.group_size}"
 
 
-def _subsample(items: list[LabelledImage], max_negatives: int, rng: np.random.Generator) -> list[LabelledImage]:
-    pos = [it for it in items if it[1] == 1]
-    neg = [it for it in items if it[1] == 0]
-    if len(neg) > max_negatives:
-        neg = [neg[i] for i in sorted(rng.choice(len(neg), max_negatives, replace=False))]
-    return pos + neg
-
-
-def _hard_negative_weights(scores: np.ndarray, labels: np.ndarray, fraction: float) -> np.ndarray:
-    """Sampling weights that draw ``fraction`` of negatives from the top decile of the individual
-    model's scores (its nearest misses) and the rest uniformly."""
-    weights = np.ones(len(labels))
-    neg = np.flatnonzero(labels == 0)
-    if fraction <= 0 or len(neg) < 10:
-        return weights
-    hard = neg[scores[neg] >= np.quantile(scores[neg], 0.9)]
-    easy = np.setdiff1d(neg, hard)
-    weights[hard] = fraction / len(hard)
-    weights[easy] = (1 - fraction) / max(len(easy), 1)
-    return weights
-
-
-def _finetune_group_model(model: GroupTestingModel, embedded: torch.Tensor, labels: np.ndarray,
-                          weights: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
-                          device: torch.device) -> list[float]:
-    """Train the stages from ``cfg.first_trained`` on and the head on merged groups (label = any
-    positive).
-
-    Frozen ImageNet features do not survive a max over eight images (validation AUC 0.65 with
-    only the head trained); letting the late stages, BatchNorm included, adapt to merged inputs is
-    what Liang & Zou do, here on cached embeddings so each step costs only the shared stages.
-    """
-    late = model.backbone.stages[cfg.first_trained :]
-    for p in model.backbone.stages[: cfg.first_trained].parameters():
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW(
-        [{"params": late.parameters(), "lr": 1e-3}, {"params": model.head.parameters(), "lr": 1e-2}],
-        weight_decay=1e-4,
-    )
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-3, 1e-2], total_steps=cfg.steps, pct_start=0.1)
-    loss_fn = nn.BCEWithLogitsLoss()
-    late.train()
-    losses: list[float] = []
-    for step in range(cfg.steps):
-        groups = sample_groups(labels, cfg.group_size, cfg.groups_per_step, rng, negative_weights=weights)
-        y = torch.tensor([float(labels[g].any()) for g in groups], device=device)
-        logits = model.score_groups(gather(embedded, groups, device), [len(g) for g in groups])
-        loss = loss_fn(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == cfg.steps - 1:
-            log.info("group model step %d/%d: loss %.3f", step, cfg.steps, float(np.mean(losses[-100:])))
-    late.eval()
-    return losses
-
-
 def _fit_head(features: torch.Tensor, labels: np.ndarray, epochs: int, seed: int) -> nn.Linear:
     """Logistic regression on frozen features, positives up-weighted to the negative count."""
     torch.manual_seed(seed)
@@ -176,7 +124,7 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     backbone = build_backbone(cfg.backbone)
     model = GroupTestingModel(backbone, cfg.depths, cfg.design).to(device).eval()
     native = backbone.spec.input_size
-    splits = {s: _subsample(caltech_split(cfg.data, s), cfg.max_negatives, rng) for s in ("train", "val")}
+    splits = {s: subsample_negatives(caltech_split(cfg.data, s), cfg.max_negatives, rng) for s in ("train", "val")}
     labels = {s: np.array([lab for _, lab in items]) for s, items in splits.items()}
     cards = {}
 
@@ -200,15 +148,15 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     # Group model: stages from ``first_trained`` fine-tuned on merged groups at the screening size.
     size = cfg.screen_size
     log.info("group model (%s merge at %s): embeddings of train and val at %d px", cfg.design, cfg.depths, size)
-    train_items = splits["train"]
-    positives = [it for it in train_items if it[1] == 1]
-    embedded = torch.cat([embed_images(model, train_items, size, cfg.batch_size, device),
-                          embed_images(model, positives, size, cfg.batch_size, device, flip=True)])
-    train_labels = np.concatenate([labels["train"], np.ones(len(positives), dtype=int)])
-    weights = _hard_negative_weights(
-        np.concatenate([_scores(head, single["train"]), np.ones(len(positives))]), train_labels,
+    embedded, train_labels, mirrored = training_embeddings(model, splits["train"], size, cfg.batch_size, device)
+    weights = hard_negative_weights(
+        np.concatenate([_scores(head, single["train"]), np.ones(mirrored)]), train_labels,
         cfg.hard_negative_fraction)
-    losses = _finetune_group_model(model, embedded, train_labels, weights, cfg, rng, device)
+    # Frozen ImageNet features do not survive a max over eight images (validation AUC 0.65 with
+    # only the head trained): the late stages, batch norm included, must adapt to merged inputs.
+    losses = finetune_groups(model, embedded, train_labels, weights,
+                             FinetuneConfig(cfg.group_size, cfg.steps, cfg.first_trained, cfg.groups_per_step),
+                             rng, device)
     first = cfg.first_trained
     card = ModelCard(
         backbone=cfg.backbone, design=cfg.design, merge_at=cfg.depths[0], group_size=cfg.group_size,
@@ -217,7 +165,7 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
         validation={"unit": f"group of {cfg.group_size}"},
         training={"split": "caltech101 train", "max_negatives": cfg.max_negatives, "seed": cfg.seed,
                   "steps": cfg.steps, "groups_per_step": cfg.groups_per_step, "positive_group_fraction": 0.5,
-                  "hard_negative_fraction": cfg.hard_negative_fraction, "mirrored_positives": len(positives),
+                  "hard_negative_fraction": cfg.hard_negative_fraction, "mirrored_positives": mirrored,
                   "final_loss": float(np.mean(losses[-100:])), "frozen": f"backbone.stages[:{first}]"},
     )
     embedded_val = embed_images(model, splits["val"], size, cfg.batch_size, device)
