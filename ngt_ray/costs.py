@@ -20,7 +20,7 @@ from ngt_ray.grouping import nearest_size
 from ngt_ray.model import GroupTestingModel
 from ngt_ray.runtime import inference_context
 
-__all__ = ["StageCosts", "count_macs", "plan_sizes", "stage_macs", "stage_seconds"]
+__all__ = ["StageCosts", "count_macs", "median_seconds", "plan_sizes", "stage_macs", "stage_seconds"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def stage_macs(screen: GroupTestingModel, individual: GroupTestingModel, screen_
     return StageCosts(count_macs(screen.embed, x), group, count_macs(individual, xi), "MACs")
 
 
-def _seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+def median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     """Median wall time of ``fn`` after one warm-up call (synchronised on CUDA)."""
     times = []
     for i in range(reps + 1):
@@ -100,11 +100,11 @@ def stage_seconds(screen: GroupTestingModel, individual: GroupTestingModel, scre
     x, xi, _ = _inputs(screen, screen_size, individual_size, device, batch)
     with inference_context(device):
         h = screen.embed(x)
-    embed = _seconds(lambda: screen.embed(x), device, reps) / batch
-    confirm = _seconds(lambda: individual(xi), device, reps) / batch
+    embed = median_seconds(lambda: screen.embed(x), device, reps) / batch
+    confirm = median_seconds(lambda: individual(xi), device, reps) / batch
     group = {}
     for s in sizes:
         n_groups = max(1, batch // s)
         members = h[torch.arange(n_groups * s, device=device) % batch]
-        group[s] = _seconds(lambda m=members, sz=[s] * n_groups: screen.score_groups(m, sz), device, reps) / n_groups
+        group[s] = median_seconds(lambda m=members, sz=[s] * n_groups: screen.score_groups(m, sz), device, reps) / n_groups
     return StageCosts(embed, group, confirm, "seconds", device.type)

@@ -28,7 +28,7 @@ from ngt_ray.checkpoint import (
     load_checkpoint,
 )
 from ngt_ray.costs import StageCosts, plan_sizes, stage_macs, stage_seconds
-from ngt_ray.runtime import pick_device
+from ngt_ray.runtime import RUNTIMES, accelerate, pick_device
 from ngt_ray.sources import read_source
 from ngt_ray.stages import FLAGS_SCHEMA, Confirm, GroupScreen, decode_batch
 from ngt_ray.stats import STATS_COLUMNS, summarize
@@ -51,6 +51,7 @@ class ModerationConfig:
     min_size: int = 1  # halving stops at groups of this size and confirms their members
     prevalence_prior: float = 0.01  # starting point of the running estimate for group_size "auto"
     measure_time: bool = True  # time each stage on the actors' device and report time_saving
+    runtime: str = "fast"  # runtime levers of both models: eager | fast | compiled (see ngt_ray.runtime)
     input_format: str = "auto"
     image_column: str | None = None
     key_column: str | None = None
@@ -75,11 +76,15 @@ def _resources(cfg: ModerationConfig) -> tuple[dict, int, int]:
     return {"num_cpus": actor_cpus}, ceiling, max(1, math.floor(actor_cpus))
 
 
-def _measure_seconds(model: str, individual_model: str, sizes: list[int], device: str) -> StageCosts:
-    """Per-stage seconds on the device this task was scheduled on (the actors' kind)."""
-    screen, card = load_checkpoint(model)
-    individual, individual_card = load_checkpoint(individual_model)
-    return stage_seconds(screen, individual, card.input_size, individual_card.input_size, sizes, pick_device(device))
+def _measure_seconds(model: str, individual_model: str, sizes: list[int], device: str, runtime: str) -> StageCosts:
+    """Per-stage seconds on the device this task was scheduled on (the actors' kind), with the
+    actors' runtime levers."""
+    dev = pick_device(device)
+    screen, card = load_checkpoint(model, map_location=dev)
+    individual, individual_card = load_checkpoint(individual_model, map_location=dev)
+    screen, _ = accelerate(screen, dev, card.input_size, runtime)
+    individual, _ = accelerate(individual, dev, individual_card.input_size, runtime)
+    return stage_seconds(screen, individual, card.input_size, individual_card.input_size, sizes, dev)
 
 
 def run_moderation(cfg: ModerationConfig) -> dict:
@@ -89,6 +94,8 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     start = time.perf_counter()
     if cfg.algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {cfg.algorithm!r}")
+    if cfg.runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {cfg.runtime!r}")
     model = cfg.model or str(default_screen_model(cfg.design))
     screen_model, screen_card = load_checkpoint(model)
     individual_model, individual_card = load_checkpoint(cfg.individual_model)
@@ -110,7 +117,7 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     seconds = None
     if cfg.measure_time:
         seconds = ray.get(ray.remote(_measure_seconds).options(**resources).remote(
-            model, cfg.individual_model, sizes, device))
+            model, cfg.individual_model, sizes, device, cfg.runtime))
     batch = max(sizes) * (cfg.groups_per_batch or (32 if on_gpu else 8))
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors)
 
@@ -121,7 +128,7 @@ def run_moderation(cfg: ModerationConfig) -> dict:
         fn_constructor_kwargs={
             "model_path": model, "algorithm": cfg.algorithm, "group_size": k, "seed": cfg.seed, "macs": macs,
             "seconds": seconds, "min_size": cfg.min_size, "prevalence_prior": cfg.prevalence_prior,
-            "device": device, "threads": threads,
+            "device": device, "threads": threads, "runtime": cfg.runtime,
         },
         batch_size=batch, batch_format="numpy", compute=pool, **resources,
     )
@@ -130,6 +137,7 @@ def run_moderation(cfg: ModerationConfig) -> dict:
         fn_constructor_kwargs={
             "model_path": cfg.individual_model, "macs": macs.confirm,
             "seconds": seconds.confirm if seconds else None, "device": device, "threads": threads,
+            "runtime": cfg.runtime,
         },
         batch_size=batch, batch_format="numpy", compute=pool, **resources,
     )
@@ -154,6 +162,7 @@ def run_moderation(cfg: ModerationConfig) -> dict:
         "individual_threshold": individual_card.threshold,
         "input": cfg.input,
         "device": device,
+        "runtime": cfg.runtime,
         **cfg.extra_info,
     }
     stats = summarize(written, macs, seconds, info, time.perf_counter() - start)

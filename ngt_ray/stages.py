@@ -16,7 +16,7 @@ from ngt_ray.costs import StageCosts
 from ngt_ray.decode import decode_many
 from ngt_ray.grouping import batch_rng, group_id
 from ngt_ray.planning import PrevalenceEstimate, ScreenQuality, choose_group_size
-from ngt_ray.runtime import inference_context, pick_device
+from ngt_ray.runtime import accelerate, inference_context, pick_device
 
 __all__ = ["FLAGS_SCHEMA", "Confirm", "GroupScreen", "decode_batch"]
 
@@ -50,15 +50,14 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
 
 
 class _ModelActor:
-    """Loads a checkpoint once per actor onto the actor's device."""
+    """Loads a checkpoint once per actor onto the actor's device, with the runtime levers on."""
 
-    def __init__(self, model_path: str, device: str, threads: int) -> None:
+    def __init__(self, model_path: str, device: str, threads: int, runtime: str = "fast") -> None:
         self.device = pick_device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.model, self.card = load_checkpoint(model_path, map_location=self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        model, self.card = load_checkpoint(model_path, map_location=self.device)
+        self.model, self.levers = accelerate(model, self.device, self.card.input_size, runtime)
 
     def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
@@ -78,8 +77,9 @@ class GroupScreen(_ModelActor):
 
     def __init__(self, model_path: str, algorithm: str, group_size: int | None, seed: int,
                  macs: StageCosts, seconds: StageCosts | None = None, min_size: int = 1,
-                 prevalence_prior: float = 0.01, device: str = "auto", threads: int = 1) -> None:
-        super().__init__(model_path, device, threads)
+                 prevalence_prior: float = 0.01, device: str = "auto", threads: int = 1,
+                 runtime: str = "fast") -> None:
+        super().__init__(model_path, device, threads, runtime)
         self.algorithm, self.group_size, self.seed, self.min_size = algorithm, group_size, seed, min_size
         self.macs, self.seconds = macs, seconds
         self.quality = ScreenQuality.from_card(self.card.calibration) if self.card.calibration else None
@@ -149,8 +149,8 @@ class Confirm(_ModelActor):
     passes through. Emits the final flags rows."""
 
     def __init__(self, model_path: str, macs: float, seconds: float | None = None, device: str = "auto",
-                 threads: int = 1) -> None:
-        super().__init__(model_path, device, threads)
+                 threads: int = 1, runtime: str = "fast") -> None:
+        super().__init__(model_path, device, threads, runtime)
         self.threshold = self.card.threshold
         self.size = self.card.input_size
         self.macs, self.seconds = macs, seconds
