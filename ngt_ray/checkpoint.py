@@ -15,8 +15,10 @@ from typing import Any
 import torch
 
 from ngt_ray.backbone import build_backbone
+from ngt_ray.easier import linearise
 from ngt_ray.grouping import nearest_size
 from ngt_ray.model import GroupTestingModel
+from ngt_ray.pruning import resize_to_state
 
 __all__ = [
     "DEFAULT_GROUP_MODEL", "DEFAULT_INDIVIDUAL_MODEL", "ModelCard", "default_screen_model", "load_checkpoint",
@@ -24,17 +26,24 @@ __all__ = [
 ]
 
 _PACKAGED = Path(__file__).parent / "checkpoints"
-DEFAULT_GROUP_MODEL = _PACKAGED / "revolver-lite0-tree-k8"  # the cheapest design in ``ngt-ray evaluate``
 DEFAULT_INDIVIDUAL_MODEL = _PACKAGED / "revolver-lite0-individual"
 
 
-def default_screen_model(design: str = "tree") -> Path:
-    """The packaged screen checkpoint of a merge design."""
+def default_screen_model(design: str = "tree", compressed: bool = True) -> Path:
+    """The packaged screen checkpoint of a merge design: its compressed version where one was
+    accepted (``ngt-ray compress``), unless ``compressed`` is False."""
     stem = _PACKAGED / f"revolver-lite0-{design}-k8"
+    smaller = stem.with_name(f"{stem.name}-compressed")
+    if compressed and smaller.with_suffix(".json").exists():
+        return smaller
     if not stem.with_suffix(".json").exists():
         raise FileNotFoundError(f"no packaged {design!r} screen model at {stem}; train one with ngt-ray train "
                                 f"--design {design} and pass --model")
     return stem
+
+
+# the cheapest design in ``ngt-ray evaluate``, compressed where a compressed version is packaged
+DEFAULT_GROUP_MODEL = default_screen_model("tree")
 
 
 @dataclass
@@ -54,6 +63,10 @@ class ModelCard:
     merge_depths: list[int] | None = None  # tree merge: every depth; otherwise [merge_at]
     # per group size (str keys, JSON): threshold, recall, negative_pass_rate, auc, ... on validation
     calibration: dict[str, dict[str, float]] = field(default_factory=dict)
+    # a compressed model: {"pruned": True} (layer shapes come from the .pt file) and "identity",
+    # the activations EASIER replaced by the identity
+    architecture: dict[str, Any] = field(default_factory=dict)
+    compression: dict[str, Any] = field(default_factory=dict)  # what was compressed from, and how
 
     def threshold_for(self, size: int) -> float:
         """The threshold calibrated for ``size``; an uncalibrated size takes the nearest calibrated
@@ -67,9 +80,12 @@ class ModelCard:
         return sorted(int(s) for s in self.calibration) or [self.group_size]
 
     def build(self) -> GroupTestingModel:
-        """The untrained model this card describes (ImageNet backbone, fresh head)."""
+        """The untrained model this card describes (ImageNet backbone, fresh head), with the
+        activations a compression removed already replaced (layer widths come with the weights)."""
         design = "feature" if self.design == "individual" else self.design
-        return GroupTestingModel(build_backbone(self.backbone), self.merge_depths or self.merge_at, design)
+        model = GroupTestingModel(build_backbone(self.backbone), self.merge_depths or self.merge_at, design)
+        linearise(model, self.architecture.get("identity", []))
+        return model
 
 
 def _paths(stem: str | Path) -> tuple[Path, Path]:
@@ -106,10 +122,15 @@ def load_checkpoint(stem: str | Path, map_location: str | torch.device = "cpu") 
     card = ModelCard(**json.loads(card_path.read_text()))
     model = card.build()
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    if card.architecture.get("pruned"):
+        resize_to_state(model, state)
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
         raise ValueError(f"{weights_path} holds tensors this model does not have: {unknown[:5]}")
+    wrong = sorted(k for k, v in state.items() if v.shape != own[k].shape)
+    if wrong:
+        raise ValueError(f"{weights_path} holds tensors of other shapes than the model's: {wrong[:5]}")
     own.update({k: v.to(own[k].dtype) for k, v in state.items()})
     model.load_state_dict(own)
     return model.to(map_location).eval(), card

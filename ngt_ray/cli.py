@@ -1,4 +1,4 @@
-"""``ngt-ray``: moderate a bucket; train, calibrate and evaluate the models; run the demo."""
+"""``ngt-ray``: moderate a bucket; train, calibrate, compress and evaluate the models; run the demo."""
 
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def _add_moderate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-size", type=int, default=1, help="halving stops at groups this small and confirms them")
     p.add_argument("--prevalence-prior", type=float, default=0.01, help="starting prevalence for --group-size auto")
     p.add_argument("--no-timing", action="store_true", help="skip measuring per-stage time (no time_saving)")
+    p.add_argument("--runtime", default="fast", choices=["eager", "fast", "compiled"],
+                   help="runtime levers: fast folds batch norm (and uses channels-last bf16 on GPU); compiled adds "
+                        "torch.compile with CUDA graphs")
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random group assignment")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -88,7 +91,7 @@ def _moderate(args: argparse.Namespace) -> int:
 
 def _algorithm_kwargs(args: argparse.Namespace) -> dict:
     return {"design": args.design, "algorithm": args.algorithm, "min_size": args.min_size,
-            "prevalence_prior": args.prevalence_prior, "measure_time": not args.no_timing}
+            "prevalence_prior": args.prevalence_prior, "measure_time": not args.no_timing, "runtime": args.runtime}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -116,6 +119,24 @@ def _calibrate(args: argparse.Namespace) -> int:
     for size, row in sorted(card.calibration.items(), key=lambda kv: int(kv[0])):
         print(f"{size:>5} {row['threshold']:>10.4f} {row['recall']:>7.3f} {row['negative_pass_rate']:>9.3f} "
               f"{row['auc']:>6.3f}")
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from ngt_ray.compress import CompressConfig, compress
+
+    report = compress(CompressConfig(
+        model=Path(args.model), output=Path(args.output), data=Path(args.data), prune_ratio=args.prune_ratio,
+        prune_steps=args.prune_steps, easier_steps=args.easier_steps, finetune_steps=args.finetune_steps,
+        acceptance_sizes=args.acceptance_sizes, acceptance_groups=args.acceptance_groups,
+        target_recall=args.target_recall, max_negatives=args.max_negatives, val_groups=args.val_groups,
+        report=Path(args.report) if args.report else None, seed=args.seed, device=args.device,
+    ))
+    first, final = report["steps"][0], report["final"]
+    print(f"{report['output']}: shared params {final['shared_params'] / first['shared_params']:.2f}x, "
+          f"MACs per image {final['macs_per_image'] / first['macs_per_image']:.2f}x, screen latency "
+          f"{final['screen_ms_per_batch'] / first['screen_ms_per_batch']:.2f}x of the original; "
+          f"FN {final['false_negatives']} vs {first['false_negatives']}, AUC {final['auc']:.3f} vs {first['auc']:.3f}")
     return 0
 
 
@@ -202,6 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_calibrate)
 
+    p = sub.add_parser("compress", help="prune and linearise a screen model while it misses no more positives")
+    p.add_argument("--model", required=True, help="screen checkpoint stem to compress")
+    p.add_argument("--output", required=True, help="stem of the compressed checkpoint")
+    p.add_argument("--data", required=True, help="Caltech-101 folder (holding train/)")
+    p.add_argument("--prune-ratio", type=float, default=0.5, help="share of each shared layer's channels to remove")
+    p.add_argument("--prune-steps", type=int, default=3, help="pruning steps, each fine-tuned and judged")
+    p.add_argument("--easier-steps", type=int, default=2, help="activations EASIER tries to linearise")
+    p.add_argument("--finetune-steps", type=int, default=200, help="distillation steps after each pruning step")
+    p.add_argument("--acceptance-sizes", type=_sizes, default=(2, 4, 8), help="group sizes of the held-out judge")
+    p.add_argument("--acceptance-groups", type=int, default=300, help="held-out groups per size (x2)")
+    p.add_argument("--target-recall", type=float, default=0.99)
+    p.add_argument("--max-negatives", type=int, default=1500)
+    p.add_argument("--val-groups", type=int, default=600, help="validation groups per calibrated size")
+    p.add_argument("--report", default=None, help="stem of the JSON + markdown report (default: beside --output)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_compress)
+
     p = sub.add_parser("evaluate", help="designs x algorithms x k x prevalence on held-out photos: table, plots")
     p.add_argument("--data", default=None, help="Caltech-101 folder (default: ../shared/data/caltech101)")
     p.add_argument("--models", nargs="+", default=None, help="screen checkpoint stems (default: every packaged one)")
@@ -229,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "train" else logging.WARNING,
+    chatty = args.verbose or args.command in ("train", "compress")
+    logging.basicConfig(level=logging.INFO if chatty else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     return args.func(args)
 
