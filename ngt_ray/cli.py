@@ -127,7 +127,8 @@ def _compress(args: argparse.Namespace) -> int:
 
     report = compress(CompressConfig(
         model=Path(args.model), output=Path(args.output), data=Path(args.data), prune_ratio=args.prune_ratio,
-        prune_steps=args.prune_steps, easier_steps=args.easier_steps, finetune_steps=args.finetune_steps,
+        prune_steps=args.prune_steps, global_ranking=args.global_ranking, easier_steps=args.easier_steps,
+        finetune_steps=args.finetune_steps,
         acceptance_sizes=args.acceptance_sizes, acceptance_groups=args.acceptance_groups,
         target_recall=args.target_recall, max_negatives=args.max_negatives, val_groups=args.val_groups,
         report=Path(args.report) if args.report else None, seed=args.seed, device=args.device,
@@ -229,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="Caltech-101 folder (holding train/)")
     p.add_argument("--prune-ratio", type=float, default=0.5, help="share of each shared layer's channels to remove")
     p.add_argument("--prune-steps", type=int, default=3, help="pruning steps, each fine-tuned and judged")
+    p.add_argument("--global-ranking", action="store_true",
+                   help="rank channels across layers (default: every layer loses the same share)")
     p.add_argument("--easier-steps", type=int, default=2, help="activations EASIER tries to linearise")
     p.add_argument("--finetune-steps", type=int, default=200, help="distillation steps after each pruning step")
     p.add_argument("--acceptance-sizes", type=_sizes, default=(2, 4, 8), help="group sizes of the held-out judge")

@@ -59,6 +59,7 @@ class CompressConfig:
     data: Path
     prune_ratio: float = 0.5  # of each shared layer's channels, reached over ``prune_steps``
     prune_steps: int = 3
+    global_ranking: bool = False  # rank channels across layers instead of pruning each layer equally
     easier_steps: int = 2  # activations to try to linearise
     finetune_steps: int = 200  # after each pruning step; EASIER steps take half
     groups_per_step: int = 16
@@ -200,7 +201,8 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         p.requires_grad_(True)
 
     if cfg.prune_steps and cfg.prune_ratio > 0:
-        pruner = channel_pruner(student, gather(embedded, [[0, 1]], device), cfg.prune_ratio, cfg.prune_steps)
+        pruner = channel_pruner(student, gather(embedded, [[0, 1]], device), cfg.prune_ratio, cfg.prune_steps,
+                                global_ranking=cfg.global_ranking)
         for i in range(cfg.prune_steps):
             t0, previous = time.perf_counter(), copy.deepcopy(student)
             _taylor_gradients(student, embedded, labels, weights, k, cfg.groups_per_step, cfg.pos_weight, rng, device)
@@ -289,8 +291,7 @@ def write_report(report: dict[str, Any], stem: Path) -> None:
             f"{s[f'macs_group_test_k{k}'] / 1e6:.0f} M | {s['screen_ms_per_batch']:.1f} | "
             f"{s[f'group_tests_ms_per_batch_k{k}']:.1f} | {s.get('false_negatives', '')} | "
             f"{s.get('false_positives', '')} | {s.get('recall', float('nan')):.3f} | {s.get('auc', float('nan')):.3f} | "
-            f"{fn_i[0]}..{fn_i[1]} | "
-            + (f"{auc_i[0]:+.3f}..{auc_i[1]:+.3f} |" if auc_i[0] != "" else " |")
+            + (f"{fn_i[0]:+.0f}..{fn_i[1]:+.0f} | {auc_i[0]:+.3f}..{auc_i[1]:+.3f} |" if auc_i[0] != "" else " | |")
         )
     lines += ["", (f"{report['folded_batchnorms']} batch norms fold exactly (checked to 1e-4 relative). "
               f"Run took {report['seconds']:.0f} s."), ""]

@@ -45,9 +45,12 @@ class SharedStages(nn.Module):
 
 
 def channel_pruner(model: GroupTestingModel, example_embedding: torch.Tensor, ratio: float, steps: int,
-                   round_to: int = 8):
+                   round_to: int = 8, global_ranking: bool = False):
     """A Torch-Pruning pruner over ``model``'s shared stages that removes ``ratio`` of their
     channels in ``steps`` calls to ``.step()``, with channel counts kept multiples of ``round_to``.
+
+    By default every layer loses the same share; ``global_ranking`` ranks channels across layers
+    instead (no layer loses more than 90 %), so wide layers the rare class barely uses give more.
 
     Call ``loss.backward()`` on a positive-weighted loss before each ``.step()``: the Taylor
     importance reads the gradients. The one-logit head keeps its output.
@@ -58,7 +61,7 @@ def channel_pruner(model: GroupTestingModel, example_embedding: torch.Tensor, ra
     return tp.pruner.BasePruner(
         shared, example_embedding, importance=tp.importance.GroupTaylorImportance(),
         pruning_ratio=ratio, iterative_steps=steps, round_to=round_to, ignored_layers=[shared.head],
-        global_pruning=False,
+        global_pruning=global_ranking, max_pruning_ratio=0.9,
     )
 
 

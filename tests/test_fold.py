@@ -48,3 +48,22 @@ def test_a_fold_that_changes_the_output_is_refused():
     torch.manual_seed(0)
     with pytest.raises(FoldError):
         fold_batchnorm(_BatchNormFirst(), torch.randn(2, 4, 8, 8))
+
+
+def test_runtime_switch_folds_exactly_on_cpu_and_rejects_unknown_levers():
+    from ngt_ray.checkpoint import DEFAULT_GROUP_MODEL, load_checkpoint
+    from ngt_ray.runtime import accelerate
+
+    model, card = load_checkpoint(DEFAULT_GROUP_MODEL)
+    cpu = torch.device("cpu")
+    eager, applied = accelerate(model, cpu, card.input_size, "eager")
+    assert eager is model and applied == {"runtime": "eager"}
+    fast, applied = accelerate(model, cpu, card.input_size, "fast")
+    assert applied["folded_batchnorms"] == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert "channels_last" not in applied  # a GPU lever; the CPU keeps its default layout
+    x = torch.randint(0, 256, (4, 3, card.input_size, card.input_size), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.forward_groups(x, [4]), model.forward_groups(x, [4]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        accelerate(model, cpu, card.input_size, "turbo")
