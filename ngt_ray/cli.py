@@ -127,7 +127,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     report = compress(CompressConfig(
         model=Path(args.model), output=Path(args.output), data=Path(args.data), prune_ratio=args.prune_ratio,
-        prune_steps=args.prune_steps, global_ranking=args.global_ranking, easier_steps=args.easier_steps,
+        prune_steps=args.prune_steps, global_ranking=not args.uniform, easier_steps=args.easier_steps,
         finetune_steps=args.finetune_steps,
         acceptance_sizes=args.acceptance_sizes, acceptance_groups=args.acceptance_groups,
         target_recall=args.target_recall, max_negatives=args.max_negatives, val_groups=args.val_groups,
@@ -228,12 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="screen checkpoint stem to compress")
     p.add_argument("--output", required=True, help="stem of the compressed checkpoint")
     p.add_argument("--data", required=True, help="Caltech-101 folder (holding train/)")
-    p.add_argument("--prune-ratio", type=float, default=0.5, help="share of each shared layer's channels to remove")
-    p.add_argument("--prune-steps", type=int, default=3, help="pruning steps, each fine-tuned and judged")
-    p.add_argument("--global-ranking", action="store_true",
-                   help="rank channels across layers (default: every layer loses the same share)")
-    p.add_argument("--easier-steps", type=int, default=2, help="activations EASIER tries to linearise")
-    p.add_argument("--finetune-steps", type=int, default=200, help="distillation steps after each pruning step")
+    p.add_argument("--prune-ratio", type=float, default=0.25, help="share of the shared stages' channels to remove")
+    p.add_argument("--prune-steps", type=int, default=2, help="pruning steps, each fine-tuned and judged")
+    p.add_argument("--uniform", action="store_true",
+                   help="every layer loses the same share (default: channels ranked across layers)")
+    p.add_argument("--easier-steps", type=int, default=1, help="activations EASIER tries to linearise")
+    p.add_argument("--finetune-steps", type=int, default=250, help="distillation steps after each pruning step")
     p.add_argument("--acceptance-sizes", type=_sizes, default=(2, 4, 8), help="group sizes of the held-out judge")
     p.add_argument("--acceptance-groups", type=int, default=300, help="held-out groups per size (x2)")
     p.add_argument("--target-recall", type=float, default=0.99)

@@ -57,11 +57,12 @@ class CompressConfig:
     model: Path  # the screen checkpoint to compress (stem)
     output: Path  # stem of the compressed checkpoint
     data: Path
-    prune_ratio: float = 0.5  # of each shared layer's channels, reached over ``prune_steps``
-    prune_steps: int = 3
-    global_ranking: bool = False  # rank channels across layers instead of pruning each layer equally
-    easier_steps: int = 2  # activations to try to linearise
-    finetune_steps: int = 200  # after each pruning step; EASIER steps take half
+    # defaults: the run that produced the packaged compressed screen (docs/compression/)
+    prune_ratio: float = 0.25  # of the shared stages' channels, reached over ``prune_steps``
+    prune_steps: int = 2
+    global_ranking: bool = True  # rank channels across layers; False: every layer loses the same share
+    easier_steps: int = 1  # activations to try to linearise
+    finetune_steps: int = 250  # after each pruning step; EASIER steps take half
     groups_per_step: int = 16
     pos_weight: float = 4.0  # weight of positive groups in the Taylor and fine-tuning losses
     acceptance_sizes: tuple[int, ...] = (2, 4, 8)
