@@ -1,4 +1,4 @@
-"""``ngt-ray``: moderate a bucket; train, calibrate, compress and evaluate the models; run the demo."""
+"""``ngt-ray``: moderate a bucket; train, calibrate, compress and evaluate the models; benchmark; demo."""
 
 from __future__ import annotations
 
@@ -35,9 +35,10 @@ def _add_moderate_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--design", default="tree", choices=DESIGNS,
                    help="merge design: picks the packaged screen model (ignored with --model)")
-    p.add_argument("--algorithm", default="halving", choices=ALGORITHMS,
+    p.add_argument("--algorithm", default="halving", choices=[*ALGORITHMS, "individual"],
                    help="dorfman: two rounds; halving: positive groups split in halves on cached embeddings; "
-                        "overlap: every image in two groups, non-adaptive")
+                        "overlap: every image in two groups, non-adaptive; individual: no grouping, every image "
+                        "through the individual model (the baseline)")
     p.add_argument("--model", default=None, help="screen (group) checkpoint stem (default: the packaged one)")
     p.add_argument("--individual-model", default=str(DEFAULT_INDIVIDUAL_MODEL), help="confirmation checkpoint stem")
     p.add_argument("--group-size", type=_group_size, default="auto",
@@ -45,6 +46,9 @@ def _add_moderate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-size", type=int, default=1, help="halving stops at groups this small and confirms them")
     p.add_argument("--prevalence-prior", type=float, default=0.01, help="starting prevalence for --group-size auto")
     p.add_argument("--no-timing", action="store_true", help="skip measuring per-stage time (no time_saving)")
+    p.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="cpu: Pillow (draft-mode JPEG) in CPU tasks; gpu: batched nvJPEG inside the model actors, "
+                        "per-image CPU fallback; auto: gpu when the actors have GPUs")
     p.add_argument("--runtime", default="fast", choices=["eager", "fast", "compiled"],
                    help="runtime levers: fast folds batch norm (and uses channels-last bf16 on GPU); compiled adds "
                         "torch.compile with CUDA graphs")
@@ -91,7 +95,8 @@ def _moderate(args: argparse.Namespace) -> int:
 
 def _algorithm_kwargs(args: argparse.Namespace) -> dict:
     return {"design": args.design, "algorithm": args.algorithm, "min_size": args.min_size,
-            "prevalence_prior": args.prevalence_prior, "measure_time": not args.no_timing, "runtime": args.runtime}
+            "prevalence_prior": args.prevalence_prior, "measure_time": not args.no_timing, "runtime": args.runtime,
+            "decode": args.decode}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -138,6 +143,20 @@ def _compress(args: argparse.Namespace) -> int:
           f"MACs per image {final['macs_per_image'] / first['macs_per_image']:.2f}x, screen latency "
           f"{final['screen_ms_per_batch'] / first['screen_ms_per_batch']:.2f}x of the original; "
           f"FN {final['false_negatives']} vs {first['false_negatives']}, AUC {final['auc']:.3f} vs {first['auc']:.3f}")
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from ngt_ray.benchmark import BenchmarkConfig, run_benchmark
+    from ngt_ray.datasets import shared_data_root
+
+    _init_ray(args.ray_address)
+    run_benchmark(BenchmarkConfig(
+        data=Path(args.data) if args.data else shared_data_root() / "caltech101",
+        workdir=Path(args.workdir or tempfile.mkdtemp(prefix="ngt-ray-benchmark-")), output=Path(args.output),
+        markdown=Path(args.markdown), input=args.input, n_images=args.n_images, prevalence=args.prevalence,
+        decode=args.decode, runtime=args.runtime, device=args.device, seed=args.seed,
+    ))
     return 0
 
 
@@ -259,6 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_evaluate)
 
+    p = sub.add_parser("benchmark", help="plain Ray Data recipe vs ngt-ray without and with grouping, one run")
+    p.add_argument("--n-images", type=int, default=2000, help="JPEGs of 500x375 made from held-out photos")
+    p.add_argument("--prevalence", type=float, default=0.001)
+    p.add_argument("--input", default=None, help="a folder of JPEGs to use instead of a generated bucket")
+    p.add_argument("--data", default=None, help="Caltech-101 folder (default: ../shared/data/caltech101)")
+    p.add_argument("--output", default="docs/benchmarks", help="folder for <device>.json")
+    p.add_argument("--markdown", default="docs/benchmarks.md")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"])
+    p.add_argument("--runtime", default="fast", choices=["eager", "fast", "compiled"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray-address", default=None)
+    p.set_defaults(func=_benchmark)
+
     p = sub.add_parser("demo", help="plant positives in a local bucket of real photos and moderate it")
     p.add_argument("--data", default=None, help="Caltech-101 folder (default: ../shared/data/caltech101)")
     p.add_argument("--prevalence", type=float, default=0.01)
@@ -271,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    chatty = args.verbose or args.command in ("train", "compress")
+    chatty = args.verbose or args.command in ("train", "compress", "benchmark")
     logging.basicConfig(level=logging.INFO if chatty else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     return args.func(args)

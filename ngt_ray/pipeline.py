@@ -30,13 +30,21 @@ from ngt_ray.checkpoint import (
 from ngt_ray.costs import StageCosts, plan_sizes, stage_macs, stage_seconds
 from ngt_ray.runtime import RUNTIMES, accelerate, pick_device
 from ngt_ray.sources import read_source
-from ngt_ray.stages import FLAGS_SCHEMA, Confirm, GroupScreen, decode_batch
+from ngt_ray.stages import (
+    FLAGS_SCHEMA,
+    Confirm,
+    GroupScreen,
+    as_candidates,
+    decode_batch,
+)
 from ngt_ray.stats import STATS_COLUMNS, summarize
 from ngt_ray.storage import resolve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModerationConfig", "run_moderation"]
+__all__ = ["DECODERS", "ModerationConfig", "run_moderation"]
+
+DECODERS = ("auto", "cpu", "gpu")
 
 
 @dataclass
@@ -52,6 +60,7 @@ class ModerationConfig:
     prevalence_prior: float = 0.01  # starting point of the running estimate for group_size "auto"
     measure_time: bool = True  # time each stage on the actors' device and report time_saving
     runtime: str = "fast"  # runtime levers of both models: eager | fast | compiled (see ngt_ray.runtime)
+    decode: str = "auto"  # cpu: Pillow in CPU tasks; gpu: batched in the model actors (nvJPEG); auto: gpu on GPUs
     input_format: str = "auto"
     image_column: str | None = None
     key_column: str | None = None
@@ -92,8 +101,10 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     if not ray.is_initialized():
         ray.init()
     start = time.perf_counter()
-    if cfg.algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {cfg.algorithm!r}")
+    if cfg.algorithm not in (*ALGORITHMS, "individual"):
+        raise ValueError(f"algorithm must be one of {(*ALGORITHMS, 'individual')}, got {cfg.algorithm!r}")
+    if cfg.decode not in DECODERS:
+        raise ValueError(f"decode must be one of {DECODERS}, got {cfg.decode!r}")
     if cfg.runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {cfg.runtime!r}")
     model = cfg.model or str(default_screen_model(cfg.design))
@@ -121,24 +132,28 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     batch = max(sizes) * (cfg.groups_per_batch or (32 if on_gpu else 8))
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors)
 
+    decode_here = cfg.decode == "gpu" or (cfg.decode == "auto" and on_gpu)
+    individual = cfg.algorithm == "individual"
     ds = read_source(src, cfg.input_format, image_column=cfg.image_column, key_column=cfg.key_column)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"size": screen_card.input_size}, batch_size=64, batch_format="numpy")
-    ds = ds.map_batches(
-        GroupScreen,
-        fn_constructor_kwargs={
-            "model_path": model, "algorithm": cfg.algorithm, "group_size": k, "seed": cfg.seed, "macs": macs,
-            "seconds": seconds, "min_size": cfg.min_size, "prevalence_prior": cfg.prevalence_prior,
-            "device": device, "threads": threads, "runtime": cfg.runtime,
-        },
-        batch_size=batch, batch_format="numpy", compute=pool, **resources,
-    )
+    if not decode_here:  # CPU tasks decode (draft-mode JPEG), uint8 into the object store
+        size = individual_card.input_size if individual else screen_card.input_size
+        ds = ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=64, batch_format="numpy")
+    common = {"device": device, "threads": threads, "runtime": cfg.runtime, "decode_here": decode_here}
+    if individual:  # the baseline: every image through the individual model, same input path
+        ds = ds.map_batches(as_candidates, batch_format="numpy")
+    else:
+        ds = ds.map_batches(
+            GroupScreen,
+            fn_constructor_kwargs={
+                "model_path": model, "algorithm": cfg.algorithm, "group_size": k, "seed": cfg.seed, "macs": macs,
+                "seconds": seconds, "min_size": cfg.min_size, "prevalence_prior": cfg.prevalence_prior, **common,
+            },
+            batch_size=batch, batch_format="numpy", compute=pool, **resources,
+        )
     ds = ds.map_batches(
         Confirm,
-        fn_constructor_kwargs={
-            "model_path": cfg.individual_model, "macs": macs.confirm,
-            "seconds": seconds.confirm if seconds else None, "device": device, "threads": threads,
-            "runtime": cfg.runtime,
-        },
+        fn_constructor_kwargs={"model_path": cfg.individual_model, "macs": macs.confirm,
+                               "seconds": seconds.confirm if seconds else None, **common},
         batch_size=batch, batch_format="numpy", compute=pool, **resources,
     )
     flags = dst.join("flags")
@@ -163,6 +178,7 @@ def run_moderation(cfg: ModerationConfig) -> dict:
         "input": cfg.input,
         "device": device,
         "runtime": cfg.runtime,
+        "decode": "gpu" if decode_here else "cpu",
         **cfg.extra_info,
     }
     stats = summarize(written, macs, seconds, info, time.perf_counter() - start)

@@ -13,12 +13,12 @@ import torch
 from ngt_ray.algorithms import screen
 from ngt_ray.checkpoint import load_checkpoint
 from ngt_ray.costs import StageCosts
-from ngt_ray.decode import decode_many
+from ngt_ray.decode import decode_many, decode_on_device
 from ngt_ray.grouping import batch_rng, group_id
 from ngt_ray.planning import PrevalenceEstimate, ScreenQuality, choose_group_size
 from ngt_ray.runtime import accelerate, inference_context, pick_device
 
-__all__ = ["FLAGS_SCHEMA", "Confirm", "GroupScreen", "decode_batch"]
+__all__ = ["FLAGS_SCHEMA", "Confirm", "GroupScreen", "as_candidates", "decode_batch"]
 
 FLAGS_SCHEMA = pa.schema(
     [
@@ -52,16 +52,42 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
 class _ModelActor:
     """Loads a checkpoint once per actor onto the actor's device, with the runtime levers on."""
 
-    def __init__(self, model_path: str, device: str, threads: int, runtime: str = "fast") -> None:
+    def __init__(self, model_path: str, device: str, threads: int, runtime: str = "fast",
+                 decode_here: bool = False) -> None:
         self.device = pick_device(device)
+        self.decode_here = decode_here
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))
         model, self.card = load_checkpoint(model_path, map_location=self.device)
         self.model, self.levers = accelerate(model, self.device, self.card.input_size, runtime)
 
-    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+    def _to_device(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(np.ascontiguousarray(pixels) if isinstance(pixels, np.ndarray) else pixels)
+        x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    def _decode(self, blobs: list[bytes], size: int) -> tuple[np.ndarray | torch.Tensor, list[str | None]]:
+        """Pixels of ``blobs`` at ``size``: batched on the actor's device (nvJPEG on a GPU) when
+        this actor decodes, else by Pillow on the CPU."""
+        if self.decode_here:
+            return decode_on_device(blobs, size, self.device)
+        return decode_many(blobs, size)
+
+
+def as_candidates(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """No screen (``--algorithm individual``): every image goes to the individual model, the
+    baseline that group testing is measured against, through the same input path."""
+    n = len(batch["uri"])
+    out = {key: batch[key] for key in ("uri", "bytes", "error", "pixels") if key in batch}
+    if "error" not in out:  # decoded by the model actor later
+        out["error"] = np.array([""] * n, dtype=object)
+    return {
+        **out, "candidate": np.array([not e for e in out["error"]], dtype=bool),
+        "cleared_in_round_one": np.zeros(n, dtype=bool), "group_id": np.full(n, -1, dtype=np.int64),
+        "group_size": np.zeros(n, dtype=np.int16), "group_score": np.full(n, np.nan, dtype=np.float32),
+        "score": np.full(n, np.nan, dtype=np.float32), "tests": np.zeros(n, dtype=np.float32),
+        "compute_macs": np.zeros(n, dtype=np.float64), "compute_seconds": np.zeros(n, dtype=np.float64),
+    }
 
 
 class GroupScreen(_ModelActor):
@@ -78,8 +104,8 @@ class GroupScreen(_ModelActor):
     def __init__(self, model_path: str, algorithm: str, group_size: int | None, seed: int,
                  macs: StageCosts, seconds: StageCosts | None = None, min_size: int = 1,
                  prevalence_prior: float = 0.01, device: str = "auto", threads: int = 1,
-                 runtime: str = "fast") -> None:
-        super().__init__(model_path, device, threads, runtime)
+                 runtime: str = "fast", decode_here: bool = False) -> None:
+        super().__init__(model_path, device, threads, runtime, decode_here)
         self.algorithm, self.group_size, self.seed, self.min_size = algorithm, group_size, seed, min_size
         self.macs, self.seconds = macs, seconds
         self.quality = ScreenQuality.from_card(self.card.calibration) if self.card.calibration else None
@@ -105,6 +131,9 @@ class GroupScreen(_ModelActor):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])
+        if self.decode_here:  # bytes arrived undecoded: decode where the model runs
+            pixels, errors = self._decode(list(batch["bytes"]), self.card.input_size)
+            batch = {**batch, "pixels": pixels, "error": np.array([e or "" for e in errors], dtype=object)}
         ok = np.flatnonzero(np.array([not e for e in batch["error"]], dtype=bool))
         gid = np.full(n, -1, dtype=np.int64)
         gsize = np.zeros(n, dtype=np.int16)
@@ -118,7 +147,8 @@ class GroupScreen(_ModelActor):
         if ok.size:
             k = self._choose_k()
             with inference_context(self.device):
-                h = self.model.embed(self._to_device(batch["pixels"][ok]))
+                h = self.model.embed(self._to_device(batch["pixels"][torch.as_tensor(ok)] if self.decode_here
+                                                     else batch["pixels"][ok]))
             result = screen(self.algorithm, ok.size, k, batch_rng(self.seed, batch["uri"][ok[0]]), self._scorer(h),
                             self.card.threshold_for, self.min_size)
             for members in result.groups:
@@ -149,8 +179,8 @@ class Confirm(_ModelActor):
     passes through. Emits the final flags rows."""
 
     def __init__(self, model_path: str, macs: float, seconds: float | None = None, device: str = "auto",
-                 threads: int = 1, runtime: str = "fast") -> None:
-        super().__init__(model_path, device, threads, runtime)
+                 threads: int = 1, runtime: str = "fast", decode_here: bool = False) -> None:
+        super().__init__(model_path, device, threads, runtime, decode_here)
         self.threshold = self.card.threshold
         self.size = self.card.input_size
         self.macs, self.seconds = macs, seconds
@@ -163,7 +193,10 @@ class Confirm(_ModelActor):
         todo = [i for i in np.flatnonzero(batch["candidate"]) if errors[i] is None]
         flagged = np.zeros(len(errors), dtype=bool)
         if todo:
-            pixels, decode_errors = decode_many([batch["bytes"][i] for i in todo], self.size)
+            if "pixels" in batch:  # no screen ran: the decode stage's pixels, at this model's size
+                pixels, decode_errors = batch["pixels"][todo], [None] * len(todo)
+            else:
+                pixels, decode_errors = self._decode([batch["bytes"][i] for i in todo], self.size)
             with inference_context(self.device):
                 logits = self.model(self._to_device(pixels))
             score[todo] = torch.sigmoid(logits.float()).cpu().numpy()
@@ -171,14 +204,15 @@ class Confirm(_ModelActor):
             macs[todo] += self.macs
             seconds[todo] += self.seconds if self.seconds is not None else np.nan
             for i, err in zip(todo, decode_errors):
-                if err is not None:  # decoded in round one, so this is a changed or vanished object
-                    errors[i] = f"retest {err}"
+                if err is not None:  # after a screen, a changed or vanished object
+                    errors[i] = f"retest {err}" if batch["group_id"][i] >= 0 else err
         is_error = np.array([e is not None for e in errors], dtype=bool)
         retested = np.zeros(len(errors), dtype=bool)
         retested[todo] = True
         decided_by = np.where(is_error, "error", np.where(
             retested, "retest", np.where(batch["cleared_in_round_one"], "group", "subgroup")))
         no_group = batch["group_id"] < 0
+        spent = ~no_group | retested  # rows some model ran on carry their compute
         return pa.table(
             {
                 "uri": pa.array(batch["uri"], pa.string()),
@@ -189,8 +223,8 @@ class Confirm(_ModelActor):
                 "group_score": pa.array(batch["group_score"], pa.float32(), mask=np.isnan(batch["group_score"])),
                 "decided_by": pa.array(decided_by, pa.string()),
                 "tests": pa.array(batch["tests"], pa.float32(), mask=no_group),
-                "compute_macs": pa.array(macs, pa.float64(), mask=no_group),
-                "compute_seconds": pa.array(seconds, pa.float64(), mask=no_group | np.isnan(seconds)),
+                "compute_macs": pa.array(macs, pa.float64(), mask=~spent),
+                "compute_seconds": pa.array(seconds, pa.float64(), mask=~spent | np.isnan(seconds)),
                 "error": pa.array(errors, pa.string()),
             },
             schema=FLAGS_SCHEMA,
