@@ -34,7 +34,7 @@ from PIL import Image
 
 from ngt_ray.checkpoint import DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
 from ngt_ray.datasets import caltech_split
-from ngt_ray.pipeline import ModerationConfig, run_moderation
+from ngt_ray.pipeline import ModerationConfig, actor_resources, run_moderation
 from ngt_ray.runtime import accelerate, inference_context, pick_device
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,10 @@ def make_jpeg_bucket(data: Path, root: Path, n: int, prevalence: float, width: i
 class _PlainClassifier:
     """The plain recipe's model stage: decoded HWC arrays in, one score per image out."""
 
-    def __init__(self, model_path: str, device: str, runtime: str) -> None:
+    def __init__(self, model_path: str, device: str, runtime: str, threads: int) -> None:
         self.device = pick_device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
         model, self.card = load_checkpoint(model_path, map_location=self.device)
         self.model, _ = accelerate(model, self.device, self.card.input_size, runtime)
 
@@ -105,13 +107,14 @@ class _PlainClassifier:
 
 
 def _plain(bucket: str, out: Path, cfg: BenchmarkConfig, on_gpu: bool) -> None:
+    """(a), with the resources ngt-ray gives its one model stage in (b), so only the input path differs."""
     size = load_checkpoint(DEFAULT_INDIVIDUAL_MODEL)[1].input_size
-    resources = {"num_gpus": 1} if on_gpu else {"num_cpus": 1}
+    resources, max_actors, threads = actor_resources("cuda" if on_gpu else "cpu", model_stages=1)
     ds = ray.data.read_images(bucket, size=(size, size), mode="RGB", include_paths=True)
     ds = ds.map_batches(_PlainClassifier, fn_constructor_kwargs={
-        "model_path": str(DEFAULT_INDIVIDUAL_MODEL), "device": "cuda" if on_gpu else "cpu", "runtime": cfg.runtime},
-        batch_size=256 if on_gpu else 32, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1 if on_gpu else 2),
-        batch_format="numpy", **resources)
+        "model_path": str(DEFAULT_INDIVIDUAL_MODEL), "device": "cuda" if on_gpu else "cpu", "runtime": cfg.runtime,
+        "threads": threads}, batch_size=256 if on_gpu else 32,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors), batch_format="numpy", **resources)
     ds.write_parquet(str(out))
 
 

@@ -42,7 +42,7 @@ from ngt_ray.storage import resolve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DECODERS", "ModerationConfig", "run_moderation"]
+__all__ = ["DECODERS", "ModerationConfig", "actor_resources", "run_moderation"]
 
 DECODERS = ("auto", "cpu", "gpu")
 
@@ -72,17 +72,24 @@ class ModerationConfig:
     extra_info: dict = field(default_factory=dict)
 
 
-def _resources(cfg: ModerationConfig) -> tuple[dict, int, int]:
-    """Ray resources per model actor, actor pool ceiling, and torch threads per CPU actor."""
+def actor_resources(device: str = "auto", max_actors: int | None = None,
+                    model_stages: int = 2) -> tuple[dict, int, int]:
+    """Ray resources per model actor, actor pool ceiling, and torch threads per CPU actor.
+
+    On GPUs the model stages share each GPU (the retest pool is light at low prevalence). On CPUs
+    up to three quarters of the cores go to the model stages, always leaving one whole core for
+    the read and decode tasks (which draft-mode JPEG decoding keeps cheap); each actor takes up to
+    4 cores, so wide nodes get more actors.
+    """
     total = ray.cluster_resources()
-    gpus = int(total.get("GPU", 0)) if cfg.device != "cpu" else 0
+    gpus = int(total.get("GPU", 0)) if device != "cpu" else 0
     if gpus:
-        # Screen and retest share each GPU: the retest pool is light at low prevalence.
-        return {"num_gpus": 0.5}, cfg.max_actors or gpus, 1
+        return {"num_gpus": 1 / model_stages}, max_actors or gpus, 1
     cpus = total.get("CPU", 1)
-    actor_cpus = max(0.5, min(4.0, cpus / 4))
-    ceiling = cfg.max_actors or max(1, int(cpus // (4 * actor_cpus)))
-    return {"num_cpus": actor_cpus}, ceiling, max(1, math.floor(actor_cpus))
+    share = max(0.5 * model_stages, min(0.75 * cpus, cpus - 1)) / model_stages
+    actor_cpus = max(0.5, min(4.0, share))
+    ceiling = max_actors or max(1, math.floor(share / actor_cpus))
+    return {"num_cpus": actor_cpus}, ceiling, max(1, round(actor_cpus))
 
 
 def _measure_seconds(model: str, individual_model: str, sizes: list[int], device: str, runtime: str) -> StageCosts:
@@ -122,7 +129,8 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     del screen_model, individual_model
 
     src, dst = resolve(cfg.input, cfg.s3_endpoint), resolve(cfg.output, cfg.s3_endpoint)
-    resources, max_actors, threads = _resources(cfg)
+    individual = cfg.algorithm == "individual"
+    resources, max_actors, threads = actor_resources(cfg.device, cfg.max_actors, 1 if individual else 2)
     on_gpu = "num_gpus" in resources
     device = "cuda" if on_gpu else "cpu"
     seconds = None
@@ -133,11 +141,13 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors)
 
     decode_here = cfg.decode == "gpu" or (cfg.decode == "auto" and on_gpu)
-    individual = cfg.algorithm == "individual"
     ds = read_source(src, cfg.input_format, image_column=cfg.image_column, key_column=cfg.key_column)
     if not decode_here:  # CPU tasks decode (draft-mode JPEG), uint8 into the object store
         size = individual_card.input_size if individual else screen_card.input_size
-        ds = ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=64, batch_format="numpy")
+        # Spread over every node, CPU-only ones included. Distinct remote args also keep Ray Data
+        # from fusing decode into the model actor, where it would run serially with inference.
+        ds = ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=64, batch_format="numpy",
+                            num_cpus=1, scheduling_strategy="SPREAD")
     common = {"device": device, "threads": threads, "runtime": cfg.runtime, "decode_here": decode_here}
     if individual:  # the baseline: every image through the individual model, same input path
         ds = ds.map_batches(as_candidates, batch_format="numpy")
