@@ -137,17 +137,19 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     if cfg.measure_time:
         seconds = ray.get(ray.remote(_measure_seconds).options(**resources).remote(
             model, cfg.individual_model, sizes, device, cfg.runtime))
-    batch = max(sizes) * (cfg.groups_per_batch or (32 if on_gpu else 8))
+    # a screen batch holds whole groups of the largest size; without grouping, a plain model batch
+    batch = (256 if on_gpu else 32) if individual else max(sizes) * (cfg.groups_per_batch or (32 if on_gpu else 8))
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors)
 
     decode_here = cfg.decode == "gpu" or (cfg.decode == "auto" and on_gpu)
     ds = read_source(src, cfg.input_format, image_column=cfg.image_column, key_column=cfg.key_column)
     if not decode_here:  # CPU tasks decode (draft-mode JPEG), uint8 into the object store
         size = individual_card.input_size if individual else screen_card.input_size
-        # Spread over every node, CPU-only ones included. Distinct remote args also keep Ray Data
-        # from fusing decode into the model actor, where it would run serially with inference.
+        # Spread over every node, CPU-only ones included. The memory reservation (a batch of encoded
+        # and decoded images, with room) also keeps Ray Data from fusing decode into the model
+        # actor, where it would run serially with inference: fusion needs equal remote args.
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=64, batch_format="numpy",
-                            num_cpus=1, scheduling_strategy="SPREAD")
+                            num_cpus=1, memory=256 * 2**20, scheduling_strategy="SPREAD")
     common = {"device": device, "threads": threads, "runtime": cfg.runtime, "decode_here": decode_here}
     if individual:  # the baseline: every image through the individual model, same input path
         ds = ds.map_batches(as_candidates, batch_format="numpy")
