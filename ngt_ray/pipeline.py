@@ -4,8 +4,11 @@
     algorithm, on cached embeddings) -> confirm (actor pool: individual model on the candidates)
     -> <output>/flags/*.parquet -> <output>/stats.parquet
 
-Everything streams through Ray Data; only the stats row is gathered on the driver. Before the
-stream starts, one task on the actors' kind of resource measures what each stage costs there.
+With ``decode="gpu"`` the decode step moves into the model actors (batched nvJPEG); with
+``algorithm="individual"`` there is no screen and every image is confirmed, the baseline the
+savings are measured against. Everything streams through Ray Data; only the stats row is
+gathered on the driver. Before the stream starts, one task on the actors' kind of resource
+measures what each stage costs there.
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ def run_moderation(cfg: ModerationConfig) -> dict:
         "model": Path(model).name,
         "individual_model": Path(cfg.individual_model).name,
         "backbone": screen_card.backbone,
-        "design": screen_card.design,
+        "design": "none" if individual else screen_card.design,
         "algorithm": cfg.algorithm,
         "merge_depths": ",".join(map(str, screen_card.merge_depths or [screen_card.merge_at])),
         "screen_input_size": screen_card.input_size,
