@@ -35,7 +35,8 @@ from PIL import Image
 from ngt_ray.checkpoint import DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
 from ngt_ray.datasets import caltech_split
 from ngt_ray.pipeline import ModerationConfig, actor_resources, run_moderation
-from ngt_ray.runtime import accelerate, inference_context, pick_device
+from ngt_ray.runtime import inference_context
+from ngt_ray.stages import ModelActor
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +90,15 @@ def make_jpeg_bucket(data: Path, root: Path, n: int, prevalence: float, width: i
     return root, planted
 
 
-class _PlainClassifier:
-    """The plain recipe's model stage: decoded HWC arrays in, one score per image out."""
-
-    def __init__(self, model_path: str, device: str, runtime: str, threads: int) -> None:
-        self.device = pick_device(device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads)
-        model, self.card = load_checkpoint(model_path, map_location=self.device)
-        self.model, _ = accelerate(model, self.device, self.card.input_size, runtime)
+class _PlainClassifier(ModelActor):
+    """The plain recipe's model stage: decoded HWC arrays in, one score per image out. It loads the
+    model as ngt-ray's actors do (same runtime levers), so only the input path differs."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # NHWC permuted to NCHW is already channels-last in memory: no copy on either device
         x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device).permute(0, 3, 1, 2)
         with inference_context(self.device):
-            score = torch.sigmoid(self.model(x.contiguous()).float()).cpu().numpy()
+            score = torch.sigmoid(self.model(x).float()).cpu().numpy()
         return {"uri": batch["path"], "score": score, "flagged": score >= self.card.threshold}
 
 
@@ -112,8 +108,8 @@ def _plain(bucket: str, out: Path, cfg: BenchmarkConfig, on_gpu: bool) -> None:
     resources, max_actors, threads = actor_resources("cuda" if on_gpu else "cpu", model_stages=1)
     ds = ray.data.read_images(bucket, size=(size, size), mode="RGB", include_paths=True)
     ds = ds.map_batches(_PlainClassifier, fn_constructor_kwargs={
-        "model_path": str(DEFAULT_INDIVIDUAL_MODEL), "device": "cuda" if on_gpu else "cpu", "runtime": cfg.runtime,
-        "threads": threads}, batch_size=256 if on_gpu else 32,
+        "model_path": str(DEFAULT_INDIVIDUAL_MODEL), "device": "cuda" if on_gpu else "cpu", "threads": threads,
+        "runtime": cfg.runtime}, batch_size=256 if on_gpu else 32,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors), batch_format="numpy", **resources)
     ds.write_parquet(str(out))
 

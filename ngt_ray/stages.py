@@ -18,7 +18,7 @@ from ngt_ray.grouping import batch_rng, group_id
 from ngt_ray.planning import PrevalenceEstimate, ScreenQuality, choose_group_size
 from ngt_ray.runtime import accelerate, inference_context, pick_device
 
-__all__ = ["FLAGS_SCHEMA", "Confirm", "GroupScreen", "as_candidates", "decode_batch"]
+__all__ = ["FLAGS_SCHEMA", "Confirm", "GroupScreen", "ModelActor", "as_candidates", "decode_batch"]
 
 FLAGS_SCHEMA = pa.schema(
     [
@@ -49,7 +49,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
     }
 
 
-class _ModelActor:
+class ModelActor:
     """Loads a checkpoint once per actor onto the actor's device, with the runtime levers on."""
 
     def __init__(self, model_path: str, device: str, threads: int, runtime: str = "fast",
@@ -90,7 +90,7 @@ def as_candidates(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-class GroupScreen(_ModelActor):
+class GroupScreen(ModelActor):
     """Screens a batch with group tests: every image is embedded once, then the algorithm's rounds
     (Dorfman, halving or overlapping pools) score merged groups of those cached embeddings, so a
     halving retest pays only the shared stages.
@@ -147,8 +147,7 @@ class GroupScreen(_ModelActor):
         if ok.size:
             k = self._choose_k()
             with inference_context(self.device):
-                h = self.model.embed(self._to_device(batch["pixels"][torch.as_tensor(ok)] if self.decode_here
-                                                     else batch["pixels"][ok]))
+                h = self.model.embed(self._to_device(batch["pixels"][ok]))
             result = screen(self.algorithm, ok.size, k, batch_rng(self.seed, batch["uri"][ok[0]]), self._scorer(h),
                             self.card.threshold_for, self.min_size)
             for members in result.groups:
@@ -174,7 +173,7 @@ class GroupScreen(_ModelActor):
         }
 
 
-class Confirm(_ModelActor):
+class Confirm(ModelActor):
     """The last round: candidates are scored one by one by the individual model; every other row
     passes through. Emits the final flags rows."""
 
