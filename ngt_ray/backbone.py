@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["BACKBONES", "BackboneSpec", "MBConv", "StagedBackbone", "build_backbone"]
+__all__ = ["BACKBONES", "BackboneSpec", "MBConv", "StagedBackbone", "build_backbone", "padded_batch"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ class StagedBackbone(nn.Module):
 
     def __init__(self, spec: BackboneSpec, normalize: nn.Module, stages: list[nn.Module]) -> None:
         super().__init__()
+        self.pad_batches = False  # set by the runtime levers on a GPU (see ``padded_batch``)
         self.spec = spec
         self.normalize = normalize
         self.stages = nn.ModuleList(stages)
@@ -139,14 +140,30 @@ class StagedBackbone(nn.Module):
         return len(self.stages)
 
     def forward_range(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        n = x.shape[0]
+        if self.pad_batches and n != padded_batch(n):
+            x = torch.cat([x, x.new_zeros((padded_batch(n) - n, *x.shape[1:]))]).contiguous(
+                memory_format=torch.channels_last if x.dim() == 4 and x.is_cuda else torch.contiguous_format)
         if x.dtype == torch.uint8:
             x = self.normalize(x)
         for stage in self.stages[start:stop]:
             x = stage(x)
-        return x
+        return x[:n]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_range(x, 0, len(self.stages))
+
+
+def padded_batch(n: int) -> int:
+    """The batch size ``n`` rows are padded to on a GPU: the next power of two (at least 8).
+
+    Group-testing rounds and confirmations meet a new batch size in almost every call, and every
+    new shape makes cuDNN plan (and may compile) each convolution again, which costs the CPU far
+    more than the convolution costs the GPU. Padding to a few sizes bounds the distinct shapes
+    per actor to about log2 of the largest batch (the extra rows are zeros, sliced off), which
+    CUDA graphs need as well.
+    """
+    return max(8, 1 << (n - 1).bit_length())
 
 
 def _efficientnet_lite(spec: BackboneSpec) -> StagedBackbone:

@@ -7,7 +7,8 @@ kernels are fused and replayed (torch.compile; CUDA graphs for repeated shapes).
 
 * ``eager``: the model as loaded;
 * ``fast`` (default): batch norm folded into convolutions (checked exact), and on CUDA
-  channels-last memory format and bf16 autocast;
+  channels-last memory format, bf16 autocast, batches padded to a few sizes, and depthwise
+  convolutions run by PyTorch's own kernel rather than cuDNN (see ``NativeDepthwise``);
 * ``compiled``: ``fast`` plus ``torch.compile`` of every stage, with CUDA graphs on a GPU
   (``mode="reduce-overhead"``, one graph per batch shape the job meets).
 """
@@ -22,7 +23,7 @@ from torch import nn
 
 from ngt_ray.fold import fold_batchnorm
 
-__all__ = ["RUNTIMES", "accelerate", "inference_context", "pick_device"]
+__all__ = ["RUNTIMES", "NativeDepthwise", "accelerate", "inference_context", "native_depthwise", "pick_device"]
 
 RUNTIMES = ("eager", "fast", "compiled")
 
@@ -62,12 +63,69 @@ def accelerate(model: nn.Module, device: torch.device, input_size: int,
         return model, applied
     example = torch.randint(0, 256, (2, 3, input_size, input_size), dtype=torch.uint8, device=device)
     model, applied["folded_batchnorms"] = fold_batchnorm(model.eval(), example)
+    backbone = getattr(model, "backbone", None)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         applied["channels_last"] = applied["bf16"] = True
-    if runtime == "compiled":
+        if backbone is not None:  # a few batch shapes, not one per call (see backbone.padded_batch)
+            backbone.pad_batches = applied["padded_batches"] = True
+        applied["native_depthwise"] = native_depthwise(model)
+    if runtime == "compiled" and backbone is not None:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
-        for stage in model.backbone.stages:
-            stage.compile(mode=mode)
+        for i, stage in enumerate(backbone.stages):
+            backbone.stages[i] = _CompiledStage(stage, mode)
         applied["compile_mode"] = mode
     return model, applied
+
+
+class NativeDepthwise(nn.Module):
+    """A depthwise convolution run by PyTorch's own CUDA kernel instead of cuDNN.
+
+    On an H200 (torch 2.11, cuDNN 9) a model call with a batch shape the process had not met cost
+    about 1.9 s of CPU against 5-28 ms for a repeat (``jobs/gpu_probe.py``); cuDNN 9 is reported
+    to compile depthwise execution plans at run time, and EfficientNet-Lite's blocks are built
+    around depthwise convolutions, while group testing meets new batch shapes in almost every
+    round. PyTorch's native depthwise kernel needs no plan. This lever has not run on a GPU yet:
+    ``enabled = False`` hands the layers back to cuDNN, and the probe measures both.
+    """
+
+    enabled = True
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.enabled and x.is_cuda):
+            return self.conv(x)
+        with torch.backends.cudnn.flags(enabled=False):
+            return self.conv(x)
+
+
+def native_depthwise(model: nn.Module) -> int:
+    """Wrap every depthwise convolution of ``model`` in ``NativeDepthwise``; returns how many."""
+    sites = [(parent, name, child) for parent in model.modules() if not isinstance(parent, NativeDepthwise)
+             for name, child in parent.named_children()
+             if isinstance(child, nn.Conv2d) and child.groups > 1 and child.groups == child.in_channels]
+    for parent, name, child in sites:
+        setattr(parent, name, NativeDepthwise(child))
+    return len(sites)
+
+
+class _CompiledStage(nn.Module):
+    """One stage under ``torch.compile``. With CUDA graphs (``reduce-overhead``) a graph's output
+    lives in memory its next replay overwrites, and a group-testing round replays the same stage
+    while earlier outputs (the cached embeddings) are still in use: each call starts a new graph
+    step and hands back its own copy of the output."""
+
+    def __init__(self, stage: nn.Module, mode: str) -> None:
+        super().__init__()
+        self.stage = stage
+        self.compiled = torch.compile(stage, mode=mode)
+        self.graphs = mode == "reduce-overhead"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.graphs:
+            return self.compiled(x)
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(x).clone()

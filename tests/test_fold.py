@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -67,3 +69,50 @@ def test_runtime_switch_folds_exactly_on_cpu_and_rejects_unknown_levers():
         torch.testing.assert_close(fast.forward_groups(x, [4]), model.forward_groups(x, [4]), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="runtime must be one of"):
         accelerate(model, cpu, card.input_size, "turbo")
+
+
+def test_fold_check_holds_under_reduced_precision_and_still_catches_a_misfold():
+    """The check's verdict must not depend on the device's arithmetic: a bf16 model (outputs ~1e-2
+    apart between any two evaluation orders) folds; a misfold is refused in bf16 too."""
+    from ngt_ray.fold import FOLD_RTOL, fold_error
+
+    torch.manual_seed(0)
+    model = GroupTestingModel(build_backbone("efficientnet-lite0"), (4, 6, 8), "tree").eval()
+    x = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    folded, count = fold_batchnorm(low, x)
+    assert count == 49 and next(folded.parameters()).dtype == torch.bfloat16
+    assert fold_error(low, x) < FOLD_RTOL
+    with pytest.raises(FoldError, match="float64 on the CPU"):
+        fold_batchnorm(_BatchNormFirst().to(torch.bfloat16), torch.randn(2, 4, 8, 8))
+
+
+def test_padded_batches_give_the_rows_they_would_unpadded():
+    """On a GPU the backbone pads every call to a few batch sizes; padding rows must not leak."""
+    from ngt_ray.backbone import padded_batch
+
+    assert [padded_batch(n) for n in (1, 8, 9, 37, 512, 513)] == [8, 8, 16, 64, 512, 1024]
+    torch.manual_seed(0)
+    model = GroupTestingModel(build_backbone("efficientnet-lite0"), (4, 6, 8), "tree").eval()
+    x = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        want = model.forward_groups(x, [2, 2, 1])
+        model.backbone.pad_batches = True
+        got = model.forward_groups(x, [2, 2, 1])
+    assert got.shape == want.shape == (3,)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_native_depthwise_wraps_every_depthwise_conv_once_and_changes_nothing():
+    from ngt_ray.checkpoint import DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
+    from ngt_ray.runtime import NativeDepthwise, native_depthwise
+
+    model, card = load_checkpoint(DEFAULT_INDIVIDUAL_MODEL)
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1]
+    x = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        want = model(x)
+        assert native_depthwise(model) == len(depthwise) > 0 and native_depthwise(model) == 0
+        got = model(x)
+    assert sum(isinstance(m, NativeDepthwise) for m in model.modules()) == len(depthwise)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
