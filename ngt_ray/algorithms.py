@@ -68,16 +68,25 @@ class _Ledger:
         self.rounds = 0
 
     def run(self, groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Test ``groups`` in one round; return their scores and which were positive."""
+        """Test ``groups`` in one round; return their scores and which were positive.
+
+        Bookkeeping is vectorised over the round (one threshold look-up per distinct size), so a
+        round of thousands of groups costs array operations, not a Python step per group.
+        """
         if not groups:
             return np.zeros(0), np.zeros(0, dtype=bool)
         scores = np.asarray(self.score_fn(groups), dtype=np.float64)
         if scores.shape != (len(groups),):
             raise ValueError(f"scorer returned shape {scores.shape} for {len(groups)} groups")
-        positive = np.array([s >= self.threshold(len(g)) for g, s in zip(groups, scores)], dtype=bool)
-        for g, s in zip(groups, scores):
-            self.score[g] = s
-            self.share.setdefault(len(g), np.zeros(self.n))[g] += 1.0 / len(g)
+        sizes = np.fromiter(map(len, groups), dtype=np.int64, count=len(groups))
+        members = np.concatenate(groups)
+        distinct, which = np.unique(sizes, return_inverse=True)
+        positive = scores >= np.array([self.threshold(int(s)) for s in distinct])[which]
+        self.score[members] = np.repeat(scores, sizes)
+        member_size = np.repeat(sizes, sizes)
+        for size in distinct:
+            rows = members[member_size == size]
+            np.add.at(self.share.setdefault(int(size), np.zeros(self.n)), rows, 1.0 / size)
         self.rounds += 1
         return scores, positive
 

@@ -19,7 +19,7 @@ from ngt_ray.checkpoint import (
 )
 from ngt_ray.costs import count_macs, plan_sizes, stage_macs
 from ngt_ray.decode import decode_image
-from ngt_ray.grouping import form_groups, group_id
+from ngt_ray.grouping import form_groups, group_ids, key_hashes
 from ngt_ray.model import GroupTestingModel, merge_max, merge_segments
 
 
@@ -90,9 +90,14 @@ def test_groups_cover_every_image_once(n, k, seed):
     assert all(len(g) == k for g in groups[:-1]) and (not groups or 1 <= len(groups[-1]) <= k)
 
 
-def test_group_ids_are_stable_and_distinct():
-    assert group_id(["a", "b"]) == group_id(["a", "b"]) != group_id(["b", "a"])
-    assert 0 <= group_id(["x"]) < 2**63
+def test_group_ids_name_member_sets_stably_and_distinctly():
+    hashes = key_hashes(["a", "b", "c", "a", "b"])
+    assert hashes.dtype == np.uint64 and hashes[0] == hashes[3] != hashes[1]
+    assert (key_hashes(["a", "b", "c"]) == hashes[:3]).all()  # the same on every call (and process)
+    ids = group_ids(hashes, np.array([0, 1, 4, 3, 2, 0, 2]), np.array([2, 2, 1, 2]))
+    assert ids[0] == ids[1]  # {a, b} in either order
+    assert len({ids[0], ids[2], ids[3]}) == 3  # {a, b}, {c}, {a, c}
+    assert ((0 <= ids) & (ids < 2**63)).all() and ids.dtype == np.int64
 
 
 @settings(max_examples=200)
