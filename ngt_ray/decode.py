@@ -7,6 +7,7 @@ becomes an error row downstream instead of failing a whole Ray block.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
@@ -16,15 +17,12 @@ __all__ = ["decode_image", "decode_many", "decode_on_device"]
 
 # Decompression bombs are an error row, not an out-of-memory actor.
 Image.MAX_IMAGE_PIXELS = 64_000_000
+# source elements resized in one call on the device (64M: 256 MB of float32 at a time)
+_RESIZE_ELEMENTS = 2**26
 
 
-def decode_image(data: bytes | None, size: int) -> tuple[np.ndarray | None, str | None]:
-    """Decode ``data`` to an RGB ``(3, size, size)`` uint8 array, or return ``(None, reason)``.
-
-    JPEGs larger than the target are decoded at reduced size by the DCT (Pillow's draft mode), which
-    is several times cheaper than a full decode followed by a resize. The whole image is squashed to
-    a square rather than cropped, so nothing at the borders escapes moderation.
-    """
+def _decode_rgb(data: bytes | None, size: int) -> tuple[np.ndarray | None, str | None]:
+    """Decode ``data`` to an RGB ``(size, size, 3)`` uint8 array (HWC, as Pillow lays it out)."""
     if not data:
         return None, "empty object"
     try:
@@ -34,34 +32,64 @@ def decode_image(data: bytes | None, size: int) -> tuple[np.ndarray | None, str 
             rgb = img.convert("RGB")
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-            return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy(), None
+            return np.asarray(rgb, dtype=np.uint8), None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return None, f"decode failed: {type(exc).__name__}: {exc}"[:500]
 
 
-def decode_many(blobs: list[bytes | None], size: int) -> tuple[np.ndarray, list[str | None]]:
-    """Decode a batch; failed images are zero-filled in the array and named in the error list."""
-    pixels = np.zeros((len(blobs), 3, size, size), dtype=np.uint8)
+def decode_image(data: bytes | None, size: int) -> tuple[np.ndarray | None, str | None]:
+    """Decode ``data`` to an RGB ``(3, size, size)`` uint8 array, or return ``(None, reason)``.
+
+    JPEGs larger than the target are decoded at reduced size by the DCT (Pillow's draft mode), which
+    is several times cheaper than a full decode followed by a resize. The whole image is squashed to
+    a square rather than cropped, so nothing at the borders escapes moderation.
+    """
+    arr, err = _decode_rgb(data, size)
+    return (None, err) if arr is None else (arr.transpose(2, 0, 1).copy(), None)
+
+
+def decode_many(blobs: list[bytes | None], size: int,
+                channels_last: bool = False) -> tuple[np.ndarray, list[str | None]]:
+    """Decode a batch; failed images are zero-filled in the array and named in the error list.
+
+    ``channels_last`` returns ``(N, size, size, 3)``, Pillow's own layout, with no transposing copy:
+    the model actors permute it on their device, where NHWC memory is what channels-last
+    convolutions want anyway. Otherwise ``(N, 3, size, size)``.
+    """
+    pixels = np.zeros((len(blobs), size, size, 3), dtype=np.uint8)
     errors: list[str | None] = []
     for i, blob in enumerate(blobs):
-        arr, err = decode_image(blob, size)
+        arr, err = _decode_rgb(blob, size)
         if arr is not None:
             pixels[i] = arr
         errors.append(err)
-    return pixels, errors
+    return (pixels if channels_last else np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))), errors
 
 
 def _is_jpeg(blob: bytes | None) -> bool:
     return bool(blob) and blob[:3] == b"\xff\xd8\xff"
 
 
-def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, H, W) uint8 to (3, size, size) uint8, bilinear with antialiasing (as Pillow's reduce)."""
-    if image.shape[-2:] == (size, size):
-        return image
-    out = torch.nn.functional.interpolate(image[None].float(), size=(size, size), mode="bilinear",
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, H, W) uint8 to (N, 3, size, size) uint8, bilinear with antialiasing (as Pillow's reduce)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
                                           antialias=True, align_corners=False)
-    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _resize_into(pixels: torch.Tensor, decoded: dict[int, torch.Tensor], size: int) -> None:
+    """Resize every decoded image into its row of ``pixels``: one call per distinct source shape,
+    so a bucket of same-sized photos costs a handful of kernel launches, not a few per image."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, image in decoded.items():
+        by_shape.setdefault(tuple(image.shape), []).append(i)
+    for shape, rows in by_shape.items():
+        step = max(1, _RESIZE_ELEMENTS // math.prod(shape))  # bounded memory for large photos
+        for j in range(0, len(rows), step):
+            chunk = rows[j : j + step]
+            pixels[chunk] = _resize(torch.stack([decoded[i] for i in chunk]), size)
 
 
 def decode_on_device(blobs: list[bytes | None], size: int,
@@ -88,9 +116,9 @@ def decode_on_device(blobs: list[bytes | None], size: int,
                     decoded[i] = decode_jpeg(d, mode=ImageReadMode.RGB, device=device)
                 except RuntimeError:
                     pass
+    _resize_into(pixels, decoded, size)
     for i, blob in enumerate(blobs):
         if i in decoded:
-            pixels[i] = _resize(decoded[i], size)
             continue
         arr, errors[i] = decode_image(blob, size)  # CPU fallback: other formats, odd JPEGs
         if arr is not None:

@@ -27,7 +27,10 @@ class Location:
 
     @property
     def arrow_fs(self) -> pafs.FileSystem:
-        """The same filesystem for Ray Data and pyarrow readers and writers."""
+        """The same filesystem for Ray Data and pyarrow readers and writers (pyarrow's own for local
+        paths, which skips a Python call per read and write)."""
+        if "file" in self.fs.protocol:
+            return pafs.LocalFileSystem()
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
     def join(self, *parts: str) -> Location:
