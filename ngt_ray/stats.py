@@ -8,14 +8,19 @@ carries its share of the tests and of the compute, and the shares sum to the tot
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
 from ngt_ray.costs import StageCosts
+from ngt_ray.phases import PHASES
 
-__all__ = ["STATS_COLUMNS", "count_rows", "summarize"]
+if TYPE_CHECKING:
+    from ngt_ray.plan import Placement
+
+__all__ = ["STATS_COLUMNS", "count_rows", "phase_columns", "summarize", "top_phases"]
 
 STATS_COLUMNS = ["flagged", "decided_by", "group_size", "tests", "compute_macs", "compute_seconds"]
 _COUNTS = ("images", "errors", "flagged", "retests", "subgroup_cleared", "first_round_groups", "group_tests",
@@ -43,6 +48,44 @@ def count_rows(batch: pa.Table) -> pa.Table:
         "compute_seconds": [total(seconds)],
         "timed_images": [float(len(seconds) - seconds.null_count)],
     })
+
+
+def phase_columns(phases: dict, operators: dict[str, float], stream_seconds: float,
+                  placement: Placement) -> dict:
+    """Where the time went, as stats columns.
+
+    ``seconds_<phase>`` and ``cpu_seconds_<phase>`` are totals over every model actor
+    (actor-seconds: parallel actors add up), ``seconds_decode_tasks`` over the CPU decode tasks.
+    ``device_seconds`` is the time the model phases held the models' device (CUDA events on its
+    stream, so gaps between kernels count: an upper bound on busy time), ``device_busy_share``
+    that over the stream's wall time times the devices the actors share.
+    ``cpu_seconds_op_<stage>`` comes from Ray Data's own stats of each operator (read, decode,
+    model, write); ``top_phases`` names the largest phases.
+    """
+    devices = placement.max_actors * float(placement.resources.get("num_gpus", 1.0)) if placement.on_gpu \
+        else placement.max_actors
+    row: dict = {"stream_seconds": stream_seconds, "device_seconds": phases["device_seconds"],
+                 # overlapping actors on one GPU each bracket their own phases: capped at the whole stream
+                 "device_busy_share": min(1.0, phases["device_seconds"] / (stream_seconds * devices))
+                 if stream_seconds else 0.0,
+                 "model_batches": phases["batches"], "top_phases": top_phases(phases["wall"])}
+    for name in PHASES:
+        row[f"seconds_{name}"] = phases["wall"][name]
+        row[f"cpu_seconds_{name}"] = phases["cpu"][name]
+    row["seconds_decode_tasks"] = phases["decode_tasks"]["wall"]
+    row["cpu_seconds_decode_tasks"] = phases["decode_tasks"]["cpu"]
+    for stage, seconds in operators.items():
+        row[f"cpu_seconds_op_{stage}"] = seconds
+    return row
+
+
+def top_phases(wall: dict[str, float], n: int = 3) -> str:
+    """``"round_1 41%, embed 22%, wait 15%"``: the largest phases by share of all phase time."""
+    total = sum(wall.values())
+    if not total:
+        return ""
+    ranked = sorted(wall.items(), key=lambda kv: -kv[1])[:n]
+    return ", ".join(f"{name} {sec / total:.0%}" for name, sec in ranked if sec > 0)
 
 
 def summarize(flags: ray.data.Dataset, macs: StageCosts, seconds: StageCosts | None, info: dict,
