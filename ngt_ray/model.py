@@ -17,6 +17,7 @@ embeddings and pay only for the shared stages.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,9 +25,44 @@ from torch import nn
 
 from ngt_ray.backbone import StagedBackbone
 
-__all__ = ["DESIGNS", "GroupTestingModel", "merge_max", "merge_segments"]
+__all__ = ["DESIGNS", "GroupTestingModel", "MergeDesign", "gather", "merge_max", "merge_segments", "register_design"]
 
-DESIGNS = ("pixel", "feature", "tree")
+@dataclass(frozen=True)
+class MergeDesign:
+    """Where a group's members are merged and how: one registered object per design."""
+
+    name: str
+    reduce: str  # "mean" or "max" over the members (pairs first, at every depth but the last)
+    placement: str  # "input": before the first stage; "one": at one depth; "several": increasing depths
+
+    def check(self, depths: tuple[int, ...], n_stages: int) -> None:
+        """Raise ``ValueError`` unless ``depths`` suit this design on a backbone of ``n_stages``."""
+        if self.placement == "input":
+            if depths != (0,):
+                raise ValueError(f"{self.name} merge happens before the first stage (merge_at 0), got {depths}")
+            return
+        if not all(0 < d < n_stages for d in depths):
+            raise ValueError(f"merge depths must lie in [1, {n_stages - 1}], got {depths}")
+        several = self.placement == "several"
+        if list(depths) != sorted(set(depths)) or (not several and len(depths) != 1):
+            raise ValueError(f"{self.name} merge needs {'increasing depths' if several else 'one depth'}, "
+                             f"got {depths}")
+
+
+DESIGNS: dict[str, MergeDesign] = {}
+
+
+def register_design(design: MergeDesign) -> MergeDesign:
+    """Make a merge design available by its name (to models, cards, the CLI and training)."""
+    if design.name in DESIGNS:
+        raise ValueError(f"a design named {design.name!r} is already registered")
+    DESIGNS[design.name] = design
+    return design
+
+
+register_design(MergeDesign("pixel", "mean", "input"))  # the k images averaged, the whole network per group
+register_design(MergeDesign("feature", "max", "one"))  # per-image stages, one max, the rest per group
+register_design(MergeDesign("tree", "max", "several"))  # pairwise max at each depth, the rest at the last
 
 
 def _segments(sizes: Sequence[int], arity: int | None) -> tuple[torch.Tensor, list[int]]:
@@ -61,6 +97,12 @@ def merge_segments(h: torch.Tensor, sizes: Sequence[int], how: str = "max",
     return out, new_sizes
 
 
+def gather(embedded: torch.Tensor, groups: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """The members' cached embeddings, group after group, as fp32 on ``device``."""
+    idx = torch.tensor([j for g in groups for j in g], dtype=torch.long)
+    return embedded[idx].to(device).float()
+
+
 def merge_max(features: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """Element-wise max over consecutive runs of ``sizes`` rows: one merged map per group."""
     return merge_segments(features, sizes, "max")[0]
@@ -78,14 +120,8 @@ class GroupTestingModel(nn.Module):
         super().__init__()
         depths = (merge_at,) if isinstance(merge_at, int) else tuple(merge_at)
         if design not in DESIGNS:
-            raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
-        if design == "pixel" and depths != (0,):
-            raise ValueError(f"pixel merge happens before the first stage (merge_at 0), got {depths}")
-        if design != "pixel" and not all(0 < d < len(backbone) for d in depths):
-            raise ValueError(f"merge depths must lie in [1, {len(backbone) - 1}], got {depths}")
-        if list(depths) != sorted(set(depths)) or (design != "tree" and len(depths) != 1):
-            raise ValueError(f"{design} merge needs {'increasing depths' if design == 'tree' else 'one depth'}, "
-                             f"got {depths}")
+            raise ValueError(f"design must be one of {tuple(DESIGNS)}, got {design!r}")
+        DESIGNS[design].check(depths, len(backbone))
         self.backbone = backbone
         self.design = design
         self.merge_depths = depths
@@ -95,6 +131,18 @@ class GroupTestingModel(nn.Module):
     def merge_at(self) -> int:
         """The first merge depth: stages before it run on every image."""
         return self.merge_depths[0]
+
+    def shared_modules(self, first: int | None = None) -> list[nn.Module]:
+        """The modules a group test runs once per group: stages from ``first`` (default: the first
+        merge depth) and the head. What fine-tuning trains, pruning prunes and a checkpoint stores."""
+        first = self.merge_at if first is None else first
+        return [*self.backbone.stages[first:], self.head]
+
+    def shared_state_keys(self, first: int | None = None) -> list[str]:
+        """State-dict keys of ``shared_modules(first)``."""
+        first = self.merge_at if first is None else first
+        return [key for key in self.state_dict() if key.startswith("head.")
+                or (key.startswith("backbone.stages.") and int(key.split(".")[2]) >= first)]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image stages ``[0, merge_at)`` (for pixel merge: the normalised pixels)."""
@@ -106,7 +154,7 @@ class GroupTestingModel(nn.Module):
 
     def group_features(self, h: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         """Pooled features of each group, for training heads on cached embeddings."""
-        how = "mean" if self.design == "pixel" else "max"
+        how = DESIGNS[self.design].reduce
         depths = self.merge_depths
         for i, depth in enumerate(depths):
             last = i == len(depths) - 1

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ngt_ray.costs import StageCosts
+from ngt_ray.algorithms import get_algorithm
+from ngt_ray.calibration import CalibrationRow
+from ngt_ray.cost_table import StageCosts
 from ngt_ray.grouping import nearest_size
 
 __all__ = ["PrevalenceEstimate", "ScreenQuality", "choose_group_size", "expected_cost"]
@@ -29,9 +31,9 @@ class ScreenQuality:
     pass_rate: Mapping[int, float]  # P(test positive | group holds none)
 
     @classmethod
-    def from_card(cls, calibration: Mapping[str, Mapping[str, float]]) -> ScreenQuality:
-        return cls({int(k): v["recall"] for k, v in calibration.items()},
-                   {int(k): v["negative_pass_rate"] for k, v in calibration.items()})
+    def from_card(cls, calibration: Mapping[int, CalibrationRow]) -> ScreenQuality:
+        return cls({k: row.recall for k, row in calibration.items()},
+                   {k: row.negative_pass_rate for k, row in calibration.items()})
 
     def recall_at(self, size: int) -> float:
         return self.recall[nearest_size(self.recall, size)]
@@ -47,26 +49,9 @@ class ScreenQuality:
 
 def expected_cost(algorithm: str, k: int, p: float, costs: StageCosts, quality: ScreenQuality,
                   min_size: int = 1) -> float:
-    """Expected cost per image of screening plus confirmation, relative units of ``costs``."""
-    pos = quality.positive
-    if algorithm == "dorfman":
-        return costs.embed + costs.group_cost(k) / k + pos(k, p) * costs.confirm
-    if algorithm == "overlap":
-        # an item is confirmed when both of its groups test positive
-        rec = quality.recall_at(k)
-        both = p * rec**2 + (1 - p) * pos(k - 1, p) ** 2 if k > 1 else pos(1, p) ** 2
-        return costs.embed + 2 * costs.group_cost(k) / k + both * costs.confirm
-    if algorithm == "halving":
-
-        def below(size: int, parent: int) -> float:
-            """Expected cost of testing a half of ``size`` whose parent tested positive."""
-            p_here = min(1.0, pos(size, p) / max(pos(parent, p), 1e-12))
-            rest = size * costs.confirm if size <= min_size else 2 * below(-(-size // 2), size)
-            return costs.group_cost(size) + p_here * rest
-
-        rest = k * costs.confirm if k <= min_size else 2 * below(-(-k // 2), k)
-        return costs.embed + (costs.group_cost(k) + pos(k, p) * rest) / k
-    raise ValueError(f"unknown algorithm {algorithm!r}")
+    """Expected cost per image of screening plus confirmation with the registered ``algorithm``,
+    in the units of ``costs``."""
+    return get_algorithm(algorithm).expected_cost(k, p, costs, quality, min_size)
 
 
 def choose_group_size(algorithm: str, sizes: list[int], p: float, costs: StageCosts, quality: ScreenQuality,

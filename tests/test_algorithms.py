@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ngt_ray.algorithms import oracle_scorer, screen
-from ngt_ray.costs import StageCosts
+from ngt_ray.algorithms import ALGORITHMS, oracle_scorer, screen, split_halves
+from ngt_ray.cost_table import StageCosts
 from ngt_ray.planning import (
     PrevalenceEstimate,
     ScreenQuality,
@@ -99,3 +99,33 @@ def test_prevalence_estimate_converges_on_simulated_groups():
         positive = np.where(holds.any(axis=1), rng.random(100) < 0.95, rng.random(100) < 0.2)
         est.update(8, 100, int(positive.sum()), quality)
     assert est.value == pytest.approx(0.01, abs=0.002)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 300), log_k=st.integers(0, 5), positives=st.lists(st.integers(0, 10_000), max_size=12),
+       seed=st.integers(0, 2**32 - 1))
+def test_halve_once_keeps_every_positive_between_halving_and_dorfman(n, log_k, positives, seed):
+    """The registry's worked example: one class, its registration, this oracle test."""
+    k, truth = 2**log_k, _truth(n, positives)
+    runs = {name: screen(name, n, k, np.random.default_rng(seed), oracle_scorer(truth), lambda s: 0.5)
+            for name in ("dorfman", "halve-once", "halving")}
+    once = runs["halve-once"]
+    assert once.candidate[truth].all() and once.rounds <= 3
+    assert runs["halving"].candidate.sum() <= once.candidate.sum() <= runs["dorfman"].candidate.sum()
+    for g in once.groups:  # a candidate sits in a positive half of a positive group, and only there
+        for half in split_halves(g) if len(g) > 1 else [g]:
+            assert once.candidate[half].all() == truth[half].any()
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_every_registered_algorithm_misses_no_positive_of_a_perfect_test_and_costs_sensibly(name):
+    rng = np.random.default_rng(0)
+    truth = rng.random(500) < 0.02
+    result = screen(name, 500, 8, np.random.default_rng(1), oracle_scorer(truth), lambda s: 0.5)
+    assert result.candidate[truth].all() and result.n_tests >= len(result.groups)
+    costs = StageCosts(embed=0.1, group={s: 0.3 for s in (1, 2, 4, 8)}, confirm=1.0)
+    perfect = ScreenQuality({s: 1.0 for s in (1, 2, 4, 8)}, {s: 0.0 for s in (1, 2, 4, 8)})
+    cost = expected_cost(name, 8, 0.01, costs, perfect)
+    assert costs.embed < cost < costs.embed + costs.confirm  # cheaper than confirming everything
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        screen("bogus", 10, 2, rng, oracle_scorer(truth[:10]), lambda s: 0.5)
