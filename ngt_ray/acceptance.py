@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ngt_ray.calibration import roc_auc
+from ngt_ray.calibration import auc_of, roc_auc
 
 __all__ = ["Verdict", "judge"]
 
@@ -34,18 +34,6 @@ class Verdict:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _fast_auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Rank-sum AUC of one bootstrap resample (ties count one half)."""
-    scores = np.concatenate([pos, neg])
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    # average the ranks of ties
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ranks = np.bincount(inverse, weights=ranks)[inverse] / counts[inverse]
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 def judge(labels: np.ndarray, reference_scores: np.ndarray, reference_passed: np.ndarray, scores: np.ndarray,
@@ -70,7 +58,7 @@ def judge(labels: np.ndarray, reference_scores: np.ndarray, reference_passed: np
         ip = rng.integers(0, len(pos), len(pos))
         ineg = neg[rng.integers(0, len(neg), len(neg))]
         fn_delta[b] = new_miss[ip].sum() - ref_miss[ip].sum()
-        auc_delta[b] = _fast_auc(new[pos[ip]], new[ineg]) - _fast_auc(ref[pos[ip]], ref[ineg])
+        auc_delta[b] = auc_of(new[pos[ip]], new[ineg]) - auc_of(ref[pos[ip]], ref[ineg])
     tail = (1 - level) / 2
     fn_lo, fn_hi = np.quantile(fn_delta, [tail, 1 - tail])
     auc_lo, auc_hi = np.quantile(auc_delta, [tail, 1 - tail])

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -35,11 +36,14 @@ import ray.data
 import torch
 from PIL import Image
 
+from ngt_ray.buckets import plant
 from ngt_ray.checkpoint import DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
 from ngt_ray.datasets import caltech_split
-from ngt_ray.pipeline import ModerationConfig, actor_placement, run_moderation
+from ngt_ray.options import Photos, option
 from ngt_ray.phases import OPERATOR_STAGES, operator_cpu_seconds
-from ngt_ray.runtime import inference_context
+from ngt_ray.pipeline import ModerationConfig, actor_placement, run_moderation
+from ngt_ray.plan import DECODERS, OnCluster
+from ngt_ray.runtime import RUNTIMES, inference_context
 from ngt_ray.stages import ModelActor
 
 log = logging.getLogger(__name__)
@@ -47,25 +51,26 @@ log = logging.getLogger(__name__)
 __all__ = ["BenchmarkConfig", "make_jpeg_bucket", "run_benchmark", "write_markdown"]
 
 
-@dataclass
-class BenchmarkConfig:
-    data: Path  # Caltech-101 folder: the photos the bucket is made of
-    workdir: Path
-    output: Path = Path("docs/benchmarks")  # <device>.json
-    markdown: Path = Path("docs/benchmarks.md")
-    input: str | None = None  # an existing folder of JPEGs instead of a generated bucket
-    n_images: int = 2000
-    prevalence: float = 0.001
-    width: int = 500
-    height: int = 375
-    decode: str = "auto"
-    runtime: str = "fast"
-    device: str = "auto"
-    seed: int = 0
-    stub_models: bool = False  # stand-ins for every model: the CPU cost of everything else
-    actors_per_gpu: int = 2
-    workers: int | None = None  # processes that build the bucket
-    compare_decode: bool = False  # also run (c) with CPU decode tasks, to place decode by measurement
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkConfig(OnCluster, Photos):
+    """One benchmark run: the bucket, the pipelines' shared settings, where results go."""
+
+    workdir: Path | None = option(None, "scratch folder for the bucket and the three outputs (default: a new "
+                                        "temporary folder)")
+    output: Path = option(Path("docs/benchmarks"), "folder for <device>.json")
+    markdown: Path = option(Path("docs/benchmarks.md"), "the table of every device JSON in --output")
+    input: str | None = option(None, "a folder of JPEGs to use instead of a generated bucket")
+    n_images: int = option(2000, "JPEGs in the generated bucket, made from held-out photos")
+    prevalence: float = option(0.001, "share of planted revolvers in the generated bucket")
+    width: int = option(500, "width of the generated JPEGs")
+    height: int = option(375, "height of the generated JPEGs")
+    decode: str = option("auto", "decode placement of (b) and (c) (see moderate --decode)", choices=DECODERS)
+    runtime: str = option("fast", "runtime levers of every model", choices=RUNTIMES)
+    stub_models: bool = option(False, "near-zero-compute stand-ins for every model: the CPU cost of everything "
+                                      "else, per stage")
+    actors_per_gpu: int = option(2, "model actors sharing each GPU, in every pipeline")
+    workers: int | None = option(None, "processes that build the bucket (default: all cores)")
+    compare_decode: bool = option(False, "also run (c) with --decode cpu, to place decode by measurement")
 
 
 def _write_jpeg(job: tuple[Path, Path, bool, int, int]) -> None:
@@ -85,18 +90,17 @@ def make_jpeg_bucket(data: Path, root: Path, n: int, prevalence: float, width: i
     partial copy intact) are skipped. Returns the folder and the file names of the positives."""
     rng = np.random.default_rng(seed)
     items = [(path, label) for path, label in caltech_split(data, "test") if path.stat().st_size]
-    positives = [p for p, label in items if label == 1]
-    negatives = [p for p, label in items if label == 0]
-    n_pos = max(1, round(n * prevalence))
-    chosen = [(positives[i % len(positives)], True) for i in range(n_pos)]
-    chosen += [(negatives[i % len(negatives)], False) for i in range(n - n_pos)]
+    labels = np.array([label for _, label in items])
+    pos_idx, neg_idx = plant(labels, prevalence, rng, total=n)
+    chosen = [(items[i][0], True) for i in pos_idx] + [(items[i][0], False) for i in neg_idx]
+    positives, negatives = (labels == 1).sum(), (labels == 0).sum()
     order = rng.permutation(len(chosen))
     root.mkdir(parents=True, exist_ok=True)
     jobs, planted = [], set()
     for j, idx in enumerate(order):
         path, positive = chosen[idx]
         name = f"{j:08d}.jpg"
-        mirror = bool((idx // len(positives if positive else negatives)) % 2)
+        mirror = bool((idx // (positives if positive else negatives)) % 2)
         jobs.append((path, root / name, mirror, width, height))
         if positive:
             planted.add(name)
@@ -190,11 +194,12 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         else f"cpu-{int(resources.get('CPU', 1))}-cores"
     if cfg.stub_models:
         device_name += "-stub-models"
+    workdir = cfg.workdir or Path(tempfile.mkdtemp(prefix="ngt-ray-benchmark-"))
     positives: set[str] = set()
     if cfg.input:
         bucket = cfg.input
     else:
-        root, positives = make_jpeg_bucket(cfg.data, cfg.workdir / "bucket", cfg.n_images, cfg.prevalence,
+        root, positives = make_jpeg_bucket(cfg.photos, workdir / "bucket", cfg.n_images, cfg.prevalence,
                                            cfg.width, cfg.height, cfg.seed, cfg.workers)
         bucket = str(root)
     n_images = sum(1 for _ in Path(bucket).glob("*.jpg")) if not bucket.startswith(("s3://", "gs://")) \
@@ -213,23 +218,23 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
                       **(stats or {})}
         log.info("%s: %.1f images/s", name, n_images / wall)
 
-    common = {"device": "cuda" if on_gpu else "cpu", "runtime": cfg.runtime, "decode": cfg.decode,
-              "measure_time": False, "seed": cfg.seed, "stub_models": cfg.stub_models,
+    common = {"ray_address": cfg.ray_address, "device": "cuda" if on_gpu else "cpu", "runtime": cfg.runtime,
+              "decode": cfg.decode, "measure_time": False, "seed": cfg.seed, "stub_models": cfg.stub_models,
               "actors_per_gpu": cfg.actors_per_gpu}
-    timed("plain", lambda: _plain(bucket, cfg.workdir / "plain", cfg, on_gpu))
+    timed("plain", lambda: _plain(bucket, workdir / "plain", cfg, on_gpu))
     timed("individual", lambda: _compact(run_moderation(ModerationConfig(
-        input=bucket, output=str(cfg.workdir / "individual"), algorithm="individual", **common))))
+        input=bucket, output=str(workdir / "individual"), screen=False, **common))))
     timed("ngt", lambda: _compact(run_moderation(ModerationConfig(
-        input=bucket, output=str(cfg.workdir / "ngt"),
+        input=bucket, output=str(workdir / "ngt"),
         # on a GPU, --group-size auto chooses k from seconds measured there (MACs mislead it)
         **{**common, "measure_time": on_gpu}))))
 
     if cfg.compare_decode:
         timed("ngt_cpu_decode", lambda: _compact(run_moderation(ModerationConfig(
-            input=bucket, output=str(cfg.workdir / "ngt-cpu-decode"), **{**common, "measure_time": on_gpu,
+            input=bucket, output=str(workdir / "ngt-cpu-decode"), **{**common, "measure_time": on_gpu,
                                                                           "decode": "cpu"}))))
-    plain = _flags(cfg.workdir / "plain")
-    individual, ngt = (_flags(cfg.workdir / name / "flags") for name in ("individual", "ngt"))
+    plain = _flags(workdir / "plain")
+    individual, ngt = (_flags(workdir / name / "flags") for name in ("individual", "ngt"))
     agree = sum(plain[name] == individual.get(name) for name in plain)
     stages = stage_cpu_us(runs["ngt"], n_images)
     without_decode = sum(v for k, v in stages.items() if k != "decode")

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ngt_ray.calibration import binary_metrics, threshold_for_recall
+from ngt_ray.calibration import binary_metrics, calibrate_scores
 from ngt_ray.checkpoint import ModelCard, load_checkpoint, write_card
 from ngt_ray.datasets import caltech_split
 from ngt_ray.embeddings import embed_images, sample_groups, score_cached_groups
 from ngt_ray.model import GroupTestingModel
+from ngt_ray.options import Common, Photos, option
 from ngt_ray.runtime import pick_device
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,16 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_SIZES", "calibrate_sizes"]
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrateConfig(Common, Photos):
+    """Re-calibration of a saved screen model's per-size thresholds on the validation photos."""
+
+    model: str = option(help="screen checkpoint stem; its card is rewritten")
+    sizes: tuple[int, ...] = option(DEFAULT_SIZES, "group sizes to calibrate")
+    target_recall: float = option(0.99, "of positive groups")
+    groups: int = option(600, "validation groups per size")
 
 
 def calibrate_sizes(model: GroupTestingModel, card: ModelCard, embedded: torch.Tensor, labels: np.ndarray,
@@ -45,13 +56,11 @@ def calibrate_sizes(model: GroupTestingModel, card: ModelCard, embedded: torch.T
         groups = ([[i] for i in range(len(labels))] if k == 1
                   else sample_groups(labels, k, groups_per_size, rng))
         scores = torch.sigmoid(score_cached_groups(model, embedded, groups, device)).numpy()
-        truth = np.array([int(labels[g].any()) for g in groups])
-        threshold = threshold_for_recall(scores[truth == 1], target_recall)
-        m = metrics[k] = binary_metrics(truth, scores, threshold)
-        table[str(k)] = {"threshold": threshold, "recall": m["recall"], "negative_pass_rate": m["false_positive_rate"],
-                         "auc": m["auc"], "positive_groups": m["positives"], "negative_groups": m["negatives"]}
-        log.info("size %d: threshold %.4f, recall %.3f, negative pass rate %.3f, AUC %.3f", k, threshold,
-                 m["recall"], m["false_positive_rate"], m["auc"])
+        truth = np.array([labels[g].any() for g in groups])
+        row = table[k] = calibrate_scores(truth, scores, target_recall)
+        metrics[k] = binary_metrics(truth, scores, row.threshold)
+        log.info("size %d: threshold %.4f, recall %.3f, negative pass rate %.3f, AUC %.3f", k, row.threshold,
+                 row.recall, row.negative_pass_rate, row.auc)
     validation = dict(card.validation)
     validation["calibration"] = {"split": split, "target_recall": target_recall, "groups_per_size": groups_per_size,
                                  "positive_group_fraction": 0.5}
@@ -59,7 +68,7 @@ def calibrate_sizes(model: GroupTestingModel, card: ModelCard, embedded: torch.T
         validation.update(metrics[card.group_size], target_recall=target_recall, split=split,
                           unit="image" if card.group_size == 1 else f"group of {card.group_size}")
     return replace(card, calibration=table, validation=validation,
-                   threshold=table.get(str(card.group_size), {}).get("threshold", card.threshold))
+                   threshold=table[card.group_size].threshold if card.group_size in table else card.threshold)
 
 
 def recalibrate(stem: str | Path, data: Path, sizes: Sequence[int] = DEFAULT_SIZES, target_recall: float = 0.99,

@@ -1,10 +1,36 @@
-"""Thresholds that meet a recall target, and the metrics reported beside them."""
+"""Calibration, all of it: thresholds that meet a recall target, the metrics beside them, one
+rank-based AUC, and the typed per-group-size table a model card carries.
+
+Pure numpy: the planner, the aggregator and the offline tools read the same table.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import numpy as np
 
-__all__ = ["binary_metrics", "roc_auc", "threshold_for_recall"]
+__all__ = ["CalibrationRow", "auc_of", "binary_metrics", "calibrate_scores", "calibration_table", "roc_auc",
+           "threshold_for_recall"]
+
+
+@dataclass(frozen=True)
+class CalibrationRow:
+    """A screen model's behaviour at one group size, at the threshold calibrated for it."""
+
+    threshold: float  # on sigmoid(logit)
+    recall: float  # of positive groups (groups holding at least one positive)
+    negative_pass_rate: float  # share of all-negative groups that test positive anyway
+    auc: float
+    positive_groups: int = 0
+    negative_groups: int = 0
+
+
+def calibration_table(raw: Mapping) -> dict[int, CalibrationRow]:
+    """A card's calibration as stored in JSON (string keys, plain dicts) as a typed table."""
+    return {int(size): row if isinstance(row, CalibrationRow) else CalibrationRow(**row)
+            for size, row in raw.items()}
 
 
 def threshold_for_recall(positive_scores: np.ndarray, target_recall: float) -> float:
@@ -27,16 +53,34 @@ def threshold_for_recall(positive_scores: np.ndarray, target_recall: float) -> f
     return float(scores[n - keep])
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve by the rank-sum statistic (ties count one half)."""
-    labels = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    pos, neg = scores[labels], scores[~labels]
+def auc_of(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
+    """Area under the ROC curve by the rank-sum statistic (ties count one half), O(n log n)."""
+    pos = np.asarray(positive_scores, dtype=np.float64)
+    neg = np.asarray(negative_scores, dtype=np.float64)
     if pos.size == 0 or neg.size == 0:
         return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (pos.size * neg.size))
+    scores = np.concatenate([pos, neg])
+    ranks = np.empty(len(scores))
+    ranks[scores.argsort(kind="mergesort")] = np.arange(1, len(scores) + 1)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = np.bincount(inverse, weights=ranks)[inverse] / counts[inverse]  # ties share their mean rank
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """``auc_of`` for labelled scores."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    return auc_of(scores[labels], scores[~labels])
+
+
+def calibrate_scores(truth: np.ndarray, scores: np.ndarray, target_recall: float) -> CalibrationRow:
+    """Calibrate one group size: the highest threshold that keeps ``target_recall`` of the positive
+    groups, and how the test behaves there."""
+    truth = np.asarray(truth).astype(bool)
+    threshold = threshold_for_recall(np.asarray(scores)[truth], target_recall)
+    m = binary_metrics(truth, scores, threshold)
+    return CalibrationRow(threshold, m["recall"], m["false_positive_rate"], m["auc"], m["positives"], m["negatives"])
 
 
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:

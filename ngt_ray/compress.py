@@ -27,14 +27,12 @@ import torch
 
 from ngt_ray.acceptance import Verdict, judge
 from ngt_ray.calibrate import DEFAULT_SIZES, calibrate_sizes
-from ngt_ray.calibration import threshold_for_recall
+from ngt_ray.calibration import calibrate_scores
 from ngt_ray.checkpoint import ModelCard, load_checkpoint, save_checkpoint
-from ngt_ray.costs import count_macs, median_seconds
 from ngt_ray.datasets import caltech_split
-from ngt_ray.easier import activation_entropy, linearise
+from ngt_ray.easier import activation_entropy
 from ngt_ray.embeddings import (
     embed_images,
-    gather,
     hard_negative_weights,
     sample_groups,
     score_cached_groups,
@@ -43,40 +41,41 @@ from ngt_ray.embeddings import (
 )
 from ngt_ray.finetune import FinetuneConfig, finetune_groups, group_loss
 from ngt_ray.fold import fold_batchnorm
-from ngt_ray.model import GroupTestingModel
+from ngt_ray.model import GroupTestingModel, gather
+from ngt_ray.options import Common, Photos, option
+from ngt_ray.profiling import profile_screen
 from ngt_ray.pruning import channel_pruner
-from ngt_ray.runtime import accelerate, pick_device
+from ngt_ray.runtime import pick_device
+from ngt_ray.surgery import linearise
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CompressConfig", "Holdout", "compress", "write_report"]
 
 
-@dataclass
-class CompressConfig:
-    model: Path  # the screen checkpoint to compress (stem)
-    output: Path  # stem of the compressed checkpoint
-    data: Path
-    # defaults: the run that produced the packaged compressed screen (docs/compression/)
-    prune_ratio: float = 0.25  # of the shared stages' channels, reached over ``prune_steps``
-    prune_steps: int = 2
-    global_ranking: bool = True  # rank channels across layers; False: every layer loses the same share
-    easier_steps: int = 1  # activations to try to linearise
-    finetune_steps: int = 250  # after each pruning step; EASIER steps take half
-    groups_per_step: int = 16
-    pos_weight: float = 4.0  # weight of positive groups in the Taylor and fine-tuning losses
-    acceptance_sizes: tuple[int, ...] = (2, 4, 8)
-    acceptance_groups: int = 300  # per size, once to calibrate and once to judge
-    target_recall: float = 0.99
-    calibration_sizes: tuple[int, ...] = DEFAULT_SIZES
-    val_groups: int = 600
-    max_negatives: int = 1500  # per split, as in training
-    hard_negative_fraction: float = 0.25
-    latency_batch: int | None = None  # None: 256 on a GPU, 32 on a CPU
-    report: Path | None = None  # <report>.json and <report>.md; None: <output>-report beside the checkpoint
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int = 32
+@dataclass(frozen=True, kw_only=True)
+class CompressConfig(Common, Photos):
+    """One compression run; the defaults are the run behind the packaged compressed screen."""
+
+    model: Path = option(help="screen checkpoint stem to compress")
+    output: Path = option(help="stem of the compressed checkpoint")
+    prune_ratio: float = option(0.25, "share of the shared stages' channels to remove, over --prune-steps")
+    prune_steps: int = option(2, "pruning steps, each fine-tuned and judged")
+    global_ranking: bool = option(True, "rank channels across layers (without: every layer loses the same share)")
+    easier_steps: int = option(1, "activations EASIER tries to linearise")
+    finetune_steps: int = option(250, "distillation steps after each pruning step (EASIER steps take half)")
+    groups_per_step: int = option(16, "groups per fine-tuning step")
+    pos_weight: float = option(4.0, "weight of positive groups in the Taylor and fine-tuning losses")
+    acceptance_sizes: tuple[int, ...] = option((2, 4, 8), "group sizes of the held-out judge")
+    acceptance_groups: int = option(300, "held-out groups per size, once to calibrate and once to judge")
+    target_recall: float = option(0.99, "of positive groups")
+    calibration_sizes: tuple[int, ...] = option(DEFAULT_SIZES, "group sizes the compressed model is calibrated at")
+    val_groups: int = option(600, "validation groups per calibrated size")
+    max_negatives: int = option(1500, "negatives per split, as in training")
+    hard_negative_fraction: float = option(0.25, "share of negatives drawn from the hardest")
+    latency_batch: int | None = option(None, "images per timed batch (default: 256 on a GPU, 32 on a CPU)")
+    report: Path | None = option(None, "stem of the JSON + markdown report (default: <output>-report)")
+    batch_size: int = option(32, "images per embedding batch")
 
 
 class Holdout:
@@ -97,44 +96,22 @@ class Holdout:
         scores, passed = [], []
         for k in self.judged:
             cal = torch.sigmoid(score_cached_groups(model, self.embedded, self.calibration[k], device)).numpy()
-            threshold = threshold_for_recall(cal[self.truth[k]], self.target_recall)
+            threshold = calibrate_scores(self.truth[k], cal, self.target_recall).threshold
             s = torch.sigmoid(score_cached_groups(model, self.embedded, self.judged[k], device)).numpy()
             scores.append(s)
             passed.append(s >= threshold)
         return np.concatenate(scores), np.concatenate(passed)
 
 
-def _profile(model: GroupTestingModel, card: ModelCard, device: torch.device, batch: int) -> dict[str, Any]:
-    """Parameters, MACs and latency per batch (``fast`` runtime) of a screen model."""
-    model = model.eval()
-    size, k = card.input_size, card.group_size
-    x1 = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
-    cpu = copy.deepcopy(model).cpu()
-    with torch.no_grad():
-        h = cpu.embed(x1).expand(k, -1, -1, -1).contiguous()
-    shared = [*model.backbone.stages[model.merge_at :], model.head]
-    fast, _ = accelerate(copy.deepcopy(model).to(device), device, size, "fast")
-    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-    n_groups = max(1, batch // k)
-    with torch.inference_mode():
-        hb = fast.embed(x)[torch.arange(n_groups * k, device=device) % batch]
-    reps = 5
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "shared_params": sum(p.numel() for m in shared for p in m.parameters()),
-        "macs_per_image": count_macs(cpu, x1),
-        f"macs_group_test_k{k}": count_macs(cpu.score_groups, h, [k]),
-        "latency_device": device.type,
-        "latency_batch": batch,
-        "screen_ms_per_batch": 1e3 * median_seconds(lambda: fast(x), device, reps),
-        f"group_tests_ms_per_batch_k{k}": 1e3 * median_seconds(
-            lambda: fast.score_groups(hb, [k] * n_groups), device, reps),
-    }
+def _plain(table: dict) -> dict:
+    """A calibration table as JSON-ready dicts."""
+    return {str(size): asdict(row) for size, row in table.items()}
 
 
 def _row(step: str, model: GroupTestingModel, card: ModelCard, device: torch.device, batch: int,
          verdict: Verdict | None, positives: int, seconds: float) -> dict[str, Any]:
-    row: dict[str, Any] = {"step": step, **_profile(model, card, device, batch), "step_seconds": round(seconds, 1)}
+    profile = profile_screen(model, card.input_size, card.group_size, device, batch)
+    row: dict[str, Any] = {"step": step, **profile, "step_seconds": round(seconds, 1)}
     if verdict is not None:
         row.update(accepted=verdict.accepted, reason=verdict.reason, false_negatives=verdict.false_negatives,
                    false_positives=verdict.false_positives, recall=1 - verdict.false_negatives / positives,
@@ -162,7 +139,8 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     start = time.perf_counter()
     report_stem = Path(cfg.report or f"{Path(cfg.output).with_suffix('')}-report").with_suffix("")
     if report_stem == Path(cfg.output).with_suffix(""):
-        raise ValueError(f"the report {report_stem}.json would overwrite the checkpoint's card; choose another --report")
+        raise ValueError(f"the report {report_stem}.json would overwrite the checkpoint's card; "
+                         "choose another --report")
     device = pick_device(cfg.device)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -175,11 +153,11 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     k = card.group_size
 
     log.info("embedding train and val photos at %d px", card.input_size)
-    train_items = subsample_negatives(caltech_split(cfg.data, "train"), cfg.max_negatives, rng)
+    train_items = subsample_negatives(caltech_split(cfg.photos, "train"), cfg.max_negatives, rng)
     embedded, labels, _ = training_embeddings(teacher, train_items, card.input_size, cfg.batch_size, device)
     singles = torch.sigmoid(score_cached_groups(teacher, embedded, [[i] for i in range(len(labels))], device))
     weights = hard_negative_weights(singles.numpy(), labels, cfg.hard_negative_fraction)
-    val_items = subsample_negatives(caltech_split(cfg.data, "val"), cfg.max_negatives, rng)
+    val_items = subsample_negatives(caltech_split(cfg.photos, "val"), cfg.max_negatives, rng)
     val_labels = np.array([label for _, label in val_items])
     val_embedded = embed_images(teacher, val_items, card.input_size, cfg.batch_size, device)
     holdout = Holdout(val_embedded, val_labels, cfg.acceptance_sizes, cfg.acceptance_groups, cfg.seed + 1,
@@ -218,7 +196,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
                 break
 
     identity: list[str] = []
-    for j in range(cfg.easier_steps):
+    for _ in range(cfg.easier_steps):
         t0 = time.perf_counter()
         groups = sample_groups(labels, k, 256, rng, negative_weights=weights)
         entropy = activation_entropy(student, embedded, labels, groups, device)
@@ -240,9 +218,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
 
     student.eval()
     macs = [s["macs_per_image"] for s in steps]
-    shared_keys = [key for key in student.state_dict()
-                   if key.startswith("head.") or (key.startswith("backbone.stages.")
-                                                  and int(key.split(".")[2]) >= student.merge_at)]
+    shared_keys = student.shared_state_keys()
     example = torch.randint(0, 256, (2, 3, card.input_size, card.input_size), dtype=torch.uint8, device=device)
     _, folded = fold_batchnorm(student, example)  # raises if not exact
     compressed = replace(
@@ -261,8 +237,8 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     report = {
         "model": Path(cfg.model).name, "output": Path(cfg.output).name, "device": device.type,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "steps": steps, "final": final, "folded_batchnorms": folded, "calibration": val_cal.calibration,
-        "original_calibration": card.calibration, "seconds": round(time.perf_counter() - start, 1),
+        "steps": steps, "final": final, "folded_batchnorms": folded, "calibration": _plain(val_cal.calibration),
+        "original_calibration": _plain(card.calibration), "seconds": round(time.perf_counter() - start, 1),
     }
     write_report(report, report_stem)
     return report
@@ -291,9 +267,10 @@ def write_report(report: dict[str, Any], stem: Path) -> None:
             f"{s['shared_params'] / 1e6:.2f} M | {s['macs_per_image'] / 1e6:.0f} M | "
             f"{s[f'macs_group_test_k{k}'] / 1e6:.0f} M | {s['screen_ms_per_batch']:.1f} | "
             f"{s[f'group_tests_ms_per_batch_k{k}']:.1f} | {s.get('false_negatives', '')} | "
-            f"{s.get('false_positives', '')} | {s.get('recall', float('nan')):.3f} | {s.get('auc', float('nan')):.3f} | "
+            f"{s.get('false_positives', '')} | {s.get('recall', float('nan')):.3f} | "
+            f"{s.get('auc', float('nan')):.3f} | "
             + (f"{fn_i[0]:+.0f}..{fn_i[1]:+.0f} | {auc_i[0]:+.3f}..{auc_i[1]:+.3f} |" if auc_i[0] != "" else " | |")
         )
-    lines += ["", (f"{report['folded_batchnorms']} batch norms fold exactly (checked to 1e-4 relative). "
+    lines += ["", (f"{report['folded_batchnorms']} batch norms fold exactly (checked in float64). "
               f"Run took {report['seconds']:.0f} s."), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))

@@ -1,7 +1,8 @@
-"""The row contracts of a moderation job, declared once.
+"""What crosses between the parts of a moderation job, declared once.
 
+* ``ActorSpec``: what the plan hands every model actor, whole and frozen;
 * ``DECODED_COLUMNS``: what the decode tasks hand the model actors (with ``--decode gpu`` the
-  actors get the read stage's rows, without ``pixels`` and ``error``);
+  actors get the read stage's rows, without ``pixels``);
 * ``Screened``: what the screen hands the confirmation, inside one model actor;
 * ``FLAGS_SCHEMA``: what the user reads, one row per object.
 """
@@ -9,11 +10,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["DECODED_COLUMNS", "FLAGS_SCHEMA", "Screened"]
+from ngt_ray.cost_table import StageCosts
+
+__all__ = ["DECODED_COLUMNS", "FLAGS_SCHEMA", "ActorSpec", "Screened"]
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """What every model actor needs, handed over whole."""
+
+    individual_model: str
+    screen_model: str | None  # None: no screen, every image is confirmed (the baseline)
+    algorithm: str
+    group_size: int | None  # None: chosen per batch
+    seed: int
+    min_size: int
+    prevalence_prior: float
+    macs: StageCosts
+    seconds: StageCosts | None
+    device: str
+    threads: int
+    runtime: str
+    decode_here: bool
+    stub_models: bool = False
+    ledger: Any = None  # the job's PhaseLedger actor, set when the job starts
+
 
 DECODED_COLUMNS = {
     "uri": "str: the object's full URL (packed inputs: container#key)",

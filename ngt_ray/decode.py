@@ -6,6 +6,7 @@ becomes an error row downstream instead of failing a whole Ray block.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 
@@ -112,10 +113,8 @@ def decode_on_device(blobs: list[bytes | None], size: int,
             decoded = dict(zip(jpegs, decode_jpeg(data, mode=ImageReadMode.RGB, device=device)))
         except RuntimeError:  # one bad image fails the batched call: find it one by one
             for i, d in zip(jpegs, data):
-                try:
+                with contextlib.suppress(RuntimeError):  # left to the CPU fallback below
                     decoded[i] = decode_jpeg(d, mode=ImageReadMode.RGB, device=device)
-                except RuntimeError:
-                    pass
     _resize_into(pixels, decoded, size)
     for i, blob in enumerate(blobs):
         if i in decoded:

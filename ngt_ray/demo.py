@@ -15,9 +15,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from ngt_ray.buckets import plant
 from ngt_ray.datasets import caltech_split
+from ngt_ray.options import Photos, option
 
 __all__ = ["PlantedBucket", "build_bucket", "recall_of"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig(Photos):
+    """The demo's bucket: held-out photos with planted positives (the job's options come beside)."""
+
+    prevalence: float = option(0.01, "share of planted revolvers")
+    max_images: int | None = option(None, "cap on negatives (default: all of the test split)")
+    workdir: Path | None = option(None, "folder for the bucket and the results (default: a new temporary folder)")
 
 
 @dataclass
@@ -30,20 +41,11 @@ class PlantedBucket:
 def build_bucket(data: Path, dest: Path, *, prevalence: float = 0.01, max_images: int | None = None,
                  split: str = "test", seed: int = 0) -> PlantedBucket:
     """Copy negatives and ``prevalence`` positives from ``split`` into ``dest`` under random names."""
-    if not 0 < prevalence < 1:
-        raise ValueError(f"prevalence must lie in (0, 1), got {prevalence}")
     rng = np.random.default_rng(seed)
     # empty files are placeholders that keep the hash split of a partial copy intact
     items = [(path, label) for path, label in caltech_split(data, split) if path.stat().st_size]
-    pos = [p for p, y in items if y == 1]
-    neg = [p for p, y in items if y == 0]
-    n_neg = len(neg) if max_images is None else min(len(neg), max_images)
-    n_pos = max(1, round(prevalence * n_neg / (1 - prevalence)))
-    if n_pos > len(pos):  # too few positives: shrink the negatives to keep the prevalence
-        n_pos = len(pos)
-        n_neg = min(n_neg, round(n_pos * (1 - prevalence) / prevalence))
-    chosen_pos = [pos[i] for i in rng.choice(len(pos), n_pos, replace=False)]
-    chosen_neg = [neg[i] for i in rng.choice(len(neg), n_neg, replace=False)]
+    pos_idx, neg_idx = plant(np.array([label for _, label in items]), prevalence, rng, negatives=max_images)
+    chosen_pos, chosen_neg = [items[i][0] for i in pos_idx], [items[i][0] for i in neg_idx]
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -53,7 +55,7 @@ def build_bucket(data: Path, dest: Path, *, prevalence: float = 0.01, max_images
         shutil.copyfile(path, dest / name)
         if positive:
             planted.add(name)
-    return PlantedBucket(dest, planted, n_pos + n_neg)
+    return PlantedBucket(dest, planted, len(chosen_pos) + len(chosen_neg))
 
 
 def recall_of(flags_dir: Path, positives: set[str]) -> tuple[float, int]:

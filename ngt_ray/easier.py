@@ -15,18 +15,17 @@ shared between sites cannot be replaced at one site alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ngt_ray.embeddings import gather
-from ngt_ray.model import GroupTestingModel
+from ngt_ray.model import GroupTestingModel, gather
+from ngt_ray.surgery import RECTIFIERS
 
-__all__ = ["RECTIFIERS", "activation_entropy", "linearise"]
+__all__ = ["activation_entropy"]
 
-RECTIFIERS = (nn.ReLU, nn.ReLU6)
 
 
 def _states(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -114,11 +113,3 @@ def activation_entropy(model: GroupTestingModel, embedded: torch.Tensor, labels:
         neg = _unit_entropy(counts[(name, False)], totals[(name, False)])
         out[name] = {"positive": pos, "negative": neg, "score": max(pos, neg)}
     return out
-
-
-def linearise(model: nn.Module, names: Iterable[str]) -> None:
-    """Replace each named activation by the identity, in place."""
-    for name in names:
-        if not isinstance(model.get_submodule(name), RECTIFIERS):
-            raise TypeError(f"{name} is not a rectifier activation")
-        model.set_submodule(name, nn.Identity())

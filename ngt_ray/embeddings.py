@@ -14,11 +14,11 @@ import torch
 
 from ngt_ray.datasets import LabelledImage
 from ngt_ray.decode import decode_image
-from ngt_ray.model import GroupTestingModel
+from ngt_ray.model import GroupTestingModel, gather
 from ngt_ray.runtime import inference_context
 
 __all__ = [
-    "embed_images", "gather", "hard_negative_weights", "sample_groups", "score_cached_groups", "subsample_negatives",
+    "embed_images", "hard_negative_weights", "sample_groups", "score_cached_groups", "subsample_negatives",
     "training_embeddings",
 ]
 
@@ -73,12 +73,6 @@ def hard_negative_weights(scores: np.ndarray, labels: np.ndarray, fraction: floa
     weights[hard] = fraction / len(hard)
     weights[easy] = (1 - fraction) / max(len(easy), 1)
     return weights
-
-
-def gather(embedded: torch.Tensor, groups: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    """The members' cached embeddings, group after group, as fp32 on ``device``."""
-    idx = torch.tensor([j for g in groups for j in g], dtype=torch.long)
-    return embedded[idx].to(device).float()
 
 
 def score_cached_groups(model: GroupTestingModel, embedded: torch.Tensor, groups: Sequence[Sequence[int]],

@@ -25,43 +25,45 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ngt_ray.algorithms import ALGORITHMS, screen
+from ngt_ray.algorithms import ALGORITHMS, get_algorithm, screen
+from ngt_ray.buckets import plant
 from ngt_ray.calibration import roc_auc
 from ngt_ray.checkpoint import (
-    DEFAULT_GROUP_MODEL,
     DEFAULT_INDIVIDUAL_MODEL,
     load_checkpoint,
+    packaged_screen_models,
 )
-from ngt_ray.costs import StageCosts, plan_sizes, stage_macs, stage_seconds
-from ngt_ray.datasets import caltech_split, shared_data_root
+from ngt_ray.cost_table import StageCosts, plan_sizes
+from ngt_ray.datasets import caltech_split
 from ngt_ray.embeddings import embed_images, score_cached_groups
+from ngt_ray.options import Common, Photos, option
+from ngt_ray.profiling import stage_macs, stage_seconds
 from ngt_ray.runtime import pick_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvaluationConfig", "dorfman_reference", "entropy_bound", "evaluate", "packaged_screen_models"]
+__all__ = ["EvaluationConfig", "dorfman_reference", "entropy_bound", "evaluate"]
 
 
-@dataclass
-class EvaluationConfig:
-    data: Path | None = None  # Caltech-101 folder; None: ../shared/data/caltech101
-    models: Sequence[str] | None = None  # screen checkpoint stems; None: every packaged screen model
-    individual_model: str = str(DEFAULT_INDIVIDUAL_MODEL)
-    output: Path = Path("docs/evaluation")
-    split: str = "test"
-    sizes: Sequence[int] = (2, 4, 8, 16, 32)
-    prevalences: Sequence[float] = (0.001, 0.005, 0.01, 0.05)
-    algorithms: Sequence[str] = ALGORITHMS
-    population: int | None = None  # negatives per bucket; None: all of the split
-    trials: int = 3
-    seed: int = 0
-    device: str = "auto"
-    timing: bool = True
-    batch: int = 32
+@dataclass(frozen=True, kw_only=True)
+class EvaluationConfig(Common, Photos):
+    """The evaluation grid: which models, sizes, prevalences and algorithms, on which photos."""
 
+    models: Sequence[str] | None = option(None, "screen checkpoint stems (default: every packaged one)", nargs="+")
+    individual_model: str = option(str(DEFAULT_INDIVIDUAL_MODEL), "confirmation checkpoint stem")
+    output: Path = option(Path("docs/evaluation"), "folder for Parquet, markdown and PNG plots")
+    split: str = option("test", "Caltech split the buckets are made of", choices=("train", "val", "test"))
+    sizes: Sequence[int] = option((2, 4, 8, 16, 32), "group sizes")
+    prevalences: Sequence[float] = option((0.001, 0.005, 0.01, 0.05), "prevalences")
+    algorithms: Sequence[str] = option(tuple(ALGORITHMS), "group-testing algorithms (default: every registered one)")
+    population: int | None = option(None, "negatives per simulated bucket (default: all of the split)")
+    trials: int = option(3, "buckets per cell (different positives and groups)")
+    timing: bool = option(True, "time each stage and report relative seconds")
+    batch: int = option(32, "images per embedding batch")
 
-def packaged_screen_models() -> list[str]:
-    return [str(p.with_suffix("")) for p in sorted(DEFAULT_GROUP_MODEL.parent.glob("revolver-*-k*.json"))]
+    def __post_init__(self) -> None:
+        for name in self.algorithms:
+            get_algorithm(name)  # raises, naming the registered ones
 
 
 def entropy_bound(p: float) -> float:
@@ -75,14 +77,8 @@ def dorfman_reference(p: float) -> float:
 
 
 def _bucket(labels: np.ndarray, p: float, population: int | None, rng: np.random.Generator) -> np.ndarray:
-    """Indices of a bucket at prevalence ``p``: negatives plus planted positives."""
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    n_neg = min(len(neg), population or len(neg))
-    n_pos = max(1, round(p * n_neg / (1 - p)))
-    if n_pos > len(pos):  # too few positives: shrink the negatives to keep the prevalence
-        n_pos, n_neg = len(pos), min(n_neg, round(len(pos) * (1 - p) / p))
-    chosen = np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)])
-    return rng.permutation(chosen)
+    """Indices of a bucket at prevalence ``p``: negatives plus planted positives, shuffled."""
+    return rng.permutation(np.concatenate(plant(labels, p, rng, negatives=population)))
 
 
 def _cell(algorithm: str, k: int, bucket: np.ndarray, labels: np.ndarray, individual_flag: np.ndarray,
@@ -131,7 +127,7 @@ def _cell(algorithm: str, k: int, bucket: np.ndarray, labels: np.ndarray, indivi
 def evaluate(cfg: EvaluationConfig) -> pa.Table:
     """Run every cell, write the Parquet table, markdown and plots, and return the table."""
     device = pick_device(cfg.device)
-    data = cfg.data or shared_data_root() / "caltech101"
+    data = cfg.photos
     items = caltech_split(data, cfg.split)
     labels = np.array([label for _, label in items])
     # The buckets first, so only photos some bucket uses are embedded (all of them at full size).

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ngt_ray.embeddings import gather, sample_groups
-from ngt_ray.model import GroupTestingModel
+from ngt_ray.embeddings import sample_groups
+from ngt_ray.model import GroupTestingModel, gather
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import ray
 
-__all__ = ["DEVICE_PHASES", "PHASES", "PhaseClock", "PhaseLedger", "OPERATOR_STAGES", "collect", "operator_cpu_seconds", "round_phase",
-           "start_ledger"]
+__all__ = ["DEVICE_PHASES", "OPERATOR_STAGES", "PHASES", "PhaseClock", "PhaseLedger", "collect",
+           "operator_cpu_seconds", "round_phase", "start_ledger"]
 
 PHASES = ("wait", "decode", "to_device", "embed", "round_1", "round_2", "round_3", "round_4plus", "bookkeeping",
           "confirm", "output")

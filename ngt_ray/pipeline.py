@@ -12,17 +12,20 @@ size and with their runtime levers. Everything streams; only the stats row is ga
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data._internal.savemode import SaveMode
 
-from ngt_ray.costs import StageCosts, stage_seconds
+from ngt_ray.contracts import FLAGS_SCHEMA
+from ngt_ray.cost_table import StageCosts
 from ngt_ray.phases import collect, operator_cpu_seconds, start_ledger
 from ngt_ray.plan import DECODERS, JobPlan, ModerationConfig, actor_placement, plan
-from ngt_ray.rows import FLAGS_SCHEMA
+from ngt_ray.profiling import stage_seconds
 from ngt_ray.runtime import accelerate, pick_device
 from ngt_ray.sources import read_source
 from ngt_ray.stages import Moderator, decode_batch
@@ -51,6 +54,19 @@ def _measure_seconds(p: JobPlan) -> StageCosts:
                          batch=p.timing_batch)
 
 
+@contextlib.contextmanager
+def _ordered(ordered: bool) -> Iterator[None]:
+    """Blocks in input order while the job runs (``ordered``), so every batch holds the same images
+    on every run: the groups (seeded by the batch's first key), and so every decision, are
+    reproducible for a seed."""
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, ordered
+    try:
+        yield
+    finally:
+        options.preserve_order = before
+
+
 def build(p: JobPlan) -> ray.data.Dataset:
     """read -> decode -> moderate: the lazy Ray Data chain of a plan (``write`` consumes it)."""
     cfg = p.cfg
@@ -60,11 +76,12 @@ def build(p: JobPlan) -> ray.data.Dataset:
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": p.decode_size, "ledger": p.actor.ledger},
                             batch_size=_DECODE_BATCH, batch_format="numpy", num_cpus=1, memory=_DECODE_MEMORY,
                             scheduling_strategy="SPREAD")
-    return ds.map_batches(
+    ds = ds.map_batches(
         Moderator, fn_constructor_kwargs={"spec": p.actor}, batch_size=p.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=p.placement.max_actors),
         **p.placement.resources,
     )
+    return ds
 
 
 def summarise(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, float], stream_seconds: float,
@@ -99,7 +116,8 @@ def run_moderation(cfg: ModerationConfig) -> dict:
         dst = resolve(cfg.output, cfg.s3_endpoint)
         stream_start = time.perf_counter()
         ds = build(p)
-        ds.write_parquet(dst.join("flags").path, filesystem=dst.arrow_fs, mode=SaveMode.OVERWRITE)
+        with _ordered(cfg.ordered):
+            ds.write_parquet(dst.join("flags").path, filesystem=dst.arrow_fs, mode=SaveMode.OVERWRITE)
         stream_seconds = time.perf_counter() - stream_start
         return summarise(p, ledger, operator_cpu_seconds(ds), stream_seconds, time.perf_counter() - start)
     finally:

@@ -8,75 +8,83 @@ Ray Data chain.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ngt_ray.algorithms import ALGORITHMS
+from ngt_ray.algorithms import ALGORITHMS, get_algorithm
 from ngt_ray.checkpoint import DEFAULT_INDIVIDUAL_MODEL, default_screen_model
-from ngt_ray.costs import StageCosts, plan_sizes, stage_macs
+from ngt_ray.contracts import ActorSpec
+from ngt_ray.cost_table import StageCosts, plan_sizes
+from ngt_ray.model import DESIGNS
+from ngt_ray.options import Common, option
+from ngt_ray.profiling import stage_macs
 from ngt_ray.runtime import RUNTIMES
 from ngt_ray.stubs import load_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DECODERS", "ActorSpec", "JobPlan", "ModerationConfig", "Placement", "actor_placement", "plan"]
+__all__ = ["DECODERS", "JobPlan", "ModerationConfig", "Placement", "actor_placement", "plan"]
 
 DECODERS = ("auto", "cpu", "gpu")
-INDIVIDUAL = "individual"  # the no-grouping baseline, chosen like an algorithm
 
 
-@dataclass(frozen=True)
-class ModerationConfig:
+def _group_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'auto', got {value!r}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnCluster(Common):
+    """Options of the commands that run on Ray."""
+
+    ray_address: str | None = option(None, "Ray cluster address (default: local Ray or $RAY_ADDRESS)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModerationConfig(OnCluster):
     """Everything a user chooses for one job; defaults are declared here and nowhere else."""
 
-    input: str
-    output: str
-    model: str | None = None  # None: the packaged screen model of ``design``
-    individual_model: str = str(DEFAULT_INDIVIDUAL_MODEL)
-    design: str = "tree"  # which packaged screen model to use when ``model`` is not given
-    algorithm: str = "halving"
-    group_size: int | str | None = "auto"  # "auto": chosen per batch; None: the size the model was trained for
-    min_size: int = 1  # halving stops at groups of this size and confirms their members
-    prevalence_prior: float = 0.01  # starting point of the running estimate for group_size "auto"
-    measure_time: bool = True  # time each stage on the actors' device and report time_saving
-    runtime: str = "fast"  # runtime levers of both models: eager | fast | compiled (see ngt_ray.runtime)
-    decode: str = "auto"  # cpu: Pillow in CPU tasks; gpu: nvJPEG in the model actors; auto: gpu where CPUs are short
-    input_format: str = "auto"
-    image_column: str | None = None
-    key_column: str | None = None
-    s3_endpoint: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int | None = None  # images per model call; None: 1024 on GPU (512 without a screen), 256/32 on CPU
-    max_actors: int | None = None  # model actor pool ceiling; None: actors_per_gpu per GPU, or from the CPUs
-    actors_per_gpu: int = 2  # model actors sharing a GPU: one computes while the other does its CPU work
-    stub_models: bool = False  # near-zero-compute stand-ins for both models (pipeline overhead only)
-    extra_info: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ActorSpec:
-    """What every model actor needs, handed over whole."""
-
-    individual_model: str
-    screen_model: str | None  # None: no screen, every image is confirmed (the baseline)
-    algorithm: str
-    group_size: int | None  # None: chosen per batch
-    seed: int
-    min_size: int
-    prevalence_prior: float
-    macs: StageCosts
-    seconds: StageCosts | None
-    device: str
-    threads: int
-    runtime: str
-    decode_here: bool
-    stub_models: bool = False
-    ledger: Any = None  # the job's PhaseLedger actor, set when the job starts
+    input: str = option(help="folder or fsspec URL (s3://bucket/prefix)")
+    output: str = option(help="folder or fsspec URL for flags/ and stats.parquet")
+    input_format: str = option("auto", "input form: auto looks at the first object",
+                               choices=("auto", "images", "webdataset", "parquet"))
+    image_column: str | None = option(None, "Parquet column with image bytes (default: detected)")
+    key_column: str | None = option(None, "Parquet column with a unique key per image (default: detected)")
+    s3_endpoint: str | None = option(None, "S3 endpoint URL (default: $AWS_ENDPOINT_URL or AWS)")
+    design: str = option("tree", "merge design: picks the packaged screen model (ignored with --model)",
+                         choices=lambda: list(DESIGNS))
+    model: str | None = option(None, "screen (group) checkpoint stem (default: the packaged one of --design)")
+    individual_model: str = option(str(DEFAULT_INDIVIDUAL_MODEL), "confirmation checkpoint stem")
+    screen: bool = option(True, "screen with group tests; without, every image goes through the individual "
+                                "model on the same input path (the baseline the savings are measured against)")
+    algorithm: str = option("halving", "group-testing algorithm (ngt_ray.algorithms)", choices=lambda: list(ALGORITHMS))
+    group_size: int | str | None = option("auto", "k images per group test, or auto: chosen per batch from the "
+                                                  "measured costs (None: the size the model was trained for)",
+                                          parse=_group_size)
+    min_size: int = option(1, "halving stops at groups this small and confirms their members")
+    prevalence_prior: float = option(0.01, "starting prevalence of the running estimate behind --group-size auto")
+    measure_time: bool = option(True, "time each stage on the actors' device and report time_saving")
+    runtime: str = option("fast", "runtime levers of both models (ngt_ray.runtime)", choices=RUNTIMES)
+    decode: str = option("auto", "cpu: Pillow (draft-mode JPEG) in CPU tasks; gpu: nvJPEG in the model actors; "
+                                 "auto: gpu where the cluster has under 8 CPUs per GPU", choices=DECODERS)
+    batch_size: int | None = option(None, "images per model call (default: 1024 on GPU, 256 on CPU; "
+                                          "512/32 without a screen)")
+    max_actors: int | None = option(None, "model actor pool ceiling (default: actors-per-gpu per GPU, or from "
+                                          "the CPUs)")
+    actors_per_gpu: int = option(2, "model actors sharing each GPU (one computes while another does its CPU work)")
+    stub_models: bool = option(False, "near-zero-compute stand-ins for both models: measures everything but them")
+    ordered: bool = option(True, "process blocks in input order, so the same bucket and seed give the same groups "
+                                 "and flags on every run (off: never wait on a slow task)")
+    extra_info: dict = option({}, cli=False)
 
 
 @dataclass(frozen=True)
@@ -154,8 +162,7 @@ class JobPlan:
 
 
 def _validate(cfg: ModerationConfig) -> None:
-    if cfg.algorithm not in (*ALGORITHMS, INDIVIDUAL):
-        raise ValueError(f"algorithm must be one of {(*ALGORITHMS, INDIVIDUAL)}, got {cfg.algorithm!r}")
+    get_algorithm(cfg.algorithm)  # raises, naming the registered ones
     if cfg.decode not in DECODERS:
         raise ValueError(f"decode must be one of {DECODERS}, got {cfg.decode!r}")
     if cfg.runtime not in RUNTIMES:
@@ -167,7 +174,7 @@ def _validate(cfg: ModerationConfig) -> None:
 def plan(cfg: ModerationConfig, cluster: Mapping[str, float]) -> JobPlan:
     """Decide the job for a cluster with ``cluster`` total resources (``{"CPU": 16, "GPU": 1}``)."""
     _validate(cfg)
-    individual = cfg.algorithm == INDIVIDUAL
+    individual = not cfg.screen
     model = cfg.model or str(default_screen_model(cfg.design))
     screen_model, screen_card = load_model(model, stub=cfg.stub_models)
     individual_model, individual_card = load_model(cfg.individual_model, stub=cfg.stub_models)
@@ -175,7 +182,7 @@ def plan(cfg: ModerationConfig, cluster: Mapping[str, float]) -> JobPlan:
     k = None if auto else screen_card.group_size if cfg.group_size is None else int(cfg.group_size)
     if k is not None and k < 1:
         raise ValueError(f"group size must be >= 1 or 'auto', got {k}")
-    if k is not None and str(k) not in screen_card.calibration and k != screen_card.group_size:
+    if k is not None and k not in screen_card.calibration and k != screen_card.group_size:
         log.warning("group size %d was not calibrated for %s; using the threshold of the nearest calibrated size",
                     k, model)
     sizes = plan_sizes(screen_card.calibrated_sizes if auto else k)
@@ -200,7 +207,7 @@ def plan(cfg: ModerationConfig, cluster: Mapping[str, float]) -> JobPlan:
         "individual_model": Path(cfg.individual_model).name,
         "backbone": screen_card.backbone,
         "design": "none" if individual else screen_card.design,
-        "algorithm": cfg.algorithm,
+        "algorithm": "none" if individual else cfg.algorithm,
         "merge_depths": ",".join(map(str, screen_card.merge_depths or [screen_card.merge_at])),
         "screen_input_size": screen_card.input_size,
         "individual_input_size": individual_card.input_size,

@@ -1,6 +1,7 @@
-"""What each piece of the pipeline costs: MACs counted on the real modules, seconds measured.
+"""What each piece of the pipeline costs, measured on the real modules: MACs counted, seconds timed.
 
-No hard-coded constants. MACs come from ``torch.utils.flop_counter`` on the modules that run, so a
+The results fill a ``cost_table.StageCosts`` (plain numbers, no torch), which the planner and the
+aggregator read. No hard-coded constants. MACs come from ``torch.utils.flop_counter`` on the modules that run, so a
 compressed or re-split model reports its own savings. Seconds are measured on the device the
 actors use, because the per-image early stages are memory-bound on a GPU and cost far more time
 than their share of MACs: a MAC saving overstates the real one, so both are reported.
@@ -8,44 +9,20 @@ than their share of MACs: a MAC saving overstates the real one, so both are repo
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ngt_ray.grouping import nearest_size
+from ngt_ray.cost_table import StageCosts
 from ngt_ray.model import GroupTestingModel
-from ngt_ray.runtime import inference_context
+from ngt_ray.runtime import accelerate, inference_context
 
-__all__ = ["StageCosts", "count_macs", "median_seconds", "plan_sizes", "stage_macs", "stage_seconds"]
-
-
-@dataclass(frozen=True)
-class StageCosts:
-    """Cost of each piece of the pipeline in one ``unit`` ("MACs" or "seconds")."""
-
-    embed: float  # per image: the screen model's per-image stages
-    group: dict[int, float]  # per test of a group of this size: the screen model's shared stages
-    confirm: float  # per image: the individual (confirmation) model
-    unit: str = "MACs"
-    device: str = field(default="cpu", compare=False)
-
-    def group_cost(self, size: int) -> float:
-        """Cost of one test of ``size``; an unlisted size takes the nearest listed (ties: larger)."""
-        return self.group[nearest_size(self.group, size)]
-
-
-def plan_sizes(k: int | Iterable[int]) -> list[int]:
-    """Every size a screen of group size(s) ``k`` tests: the sizes and their halvings down to 1."""
-    sizes = set()
-    for size in [k] if isinstance(k, int) else k:
-        while size >= 1:
-            sizes.add(size)
-            size = -(-size // 2) if size > 1 else 0
-    return sorted(sizes)
+__all__ = ["count_macs", "median_seconds", "profile_screen", "stage_macs", "stage_seconds"]
 
 
 def count_macs(fn: Callable, *args) -> int:
@@ -106,5 +83,34 @@ def stage_seconds(screen: GroupTestingModel, individual: GroupTestingModel, scre
     for s in sizes:
         n_groups = max(1, batch // s)
         members = h[torch.arange(n_groups * s, device=device) % batch]
-        group[s] = median_seconds(lambda m=members, sz=[s] * n_groups: screen.score_groups(m, sz), device, reps) / n_groups
+        tests = median_seconds(lambda m=members, sz=[s] * n_groups: screen.score_groups(m, sz), device, reps)
+        group[s] = tests / n_groups
     return StageCosts(embed, group, confirm, "seconds", device.type)
+
+
+def profile_screen(model: GroupTestingModel, input_size: int, k: int, device: torch.device,
+                   batch: int) -> dict[str, Any]:
+    """Parameters, MACs and latency per batch (``fast`` runtime) of a screen model: a compression
+    step's report row."""
+    model = model.eval()
+    x1 = torch.randint(0, 256, (1, 3, input_size, input_size), dtype=torch.uint8)
+    cpu = copy.deepcopy(model).cpu()
+    with torch.no_grad():
+        h = cpu.embed(x1).expand(k, -1, -1, -1).contiguous()
+    fast, _ = accelerate(copy.deepcopy(model).to(device), device, input_size, "fast")
+    x = torch.randint(0, 256, (batch, 3, input_size, input_size), dtype=torch.uint8, device=device)
+    n_groups = max(1, batch // k)
+    with torch.inference_mode():
+        hb = fast.embed(x)[torch.arange(n_groups * k, device=device) % batch]
+    reps = 5
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "shared_params": sum(p.numel() for m in model.shared_modules() for p in m.parameters()),
+        "macs_per_image": count_macs(cpu, x1),
+        f"macs_group_test_k{k}": count_macs(cpu.score_groups, h, [k]),
+        "latency_device": device.type,
+        "latency_batch": batch,
+        "screen_ms_per_batch": 1e3 * median_seconds(lambda: fast(x), device, reps),
+        f"group_tests_ms_per_batch_k{k}": 1e3 * median_seconds(
+            lambda: fast.score_groups(hb, [k] * n_groups), device, reps),
+    }

@@ -121,7 +121,9 @@ class _CompiledStage(nn.Module):
     def __init__(self, stage: nn.Module, mode: str) -> None:
         super().__init__()
         self.stage = stage
-        self.compiled = torch.compile(stage, mode=mode)
+        # static shapes: batches come padded to a few sizes, so one graph per size beats a symbolic
+        # one (the first GPU run recompiled symbolically for two minutes)
+        self.compiled = torch.compile(stage, mode=mode, dynamic=False)
         self.graphs = mode == "reduce-overhead"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,11 @@ import pyarrow as pa
 import torch
 
 from ngt_ray.algorithms import screen
+from ngt_ray.contracts import FLAGS_SCHEMA, ActorSpec, Screened
 from ngt_ray.decode import decode_many, decode_on_device
 from ngt_ray.grouping import batch_rng, group_ids, key_hashes
 from ngt_ray.phases import DEVICE_PHASES, PhaseClock, round_phase
-from ngt_ray.plan import ActorSpec
 from ngt_ray.planning import PrevalenceEstimate, ScreenQuality, choose_group_size
-from ngt_ray.rows import FLAGS_SCHEMA, Screened
 from ngt_ray.runtime import accelerate, inference_context, pick_device
 from ngt_ray.stubs import load_model
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
-from ngt_ray.costs import StageCosts
+from ngt_ray.cost_table import StageCosts
 from ngt_ray.phases import PHASES
 
 if TYPE_CHECKING:

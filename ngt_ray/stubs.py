@@ -48,7 +48,7 @@ class StubModel(nn.Module):
 
 def stub_card(card: ModelCard) -> ModelCard:
     """The real card with every threshold at the stand-in's decision point (sigmoid(0) = 0.5)."""
-    calibration = {size: {**row, "threshold": STUB_THRESHOLD} for size, row in card.calibration.items()}
+    calibration = {size: dataclasses.replace(row, threshold=STUB_THRESHOLD) for size, row in card.calibration.items()}
     return dataclasses.replace(card, threshold=STUB_THRESHOLD, calibration=calibration)
 
 

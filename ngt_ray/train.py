@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ngt_ray.backbone import build_backbone
+from ngt_ray.backbone import BACKBONES, build_backbone
 from ngt_ray.calibrate import DEFAULT_SIZES, calibrate_sizes
 from ngt_ray.calibration import binary_metrics, threshold_for_recall
-from ngt_ray.checkpoint import ModelCard, save_checkpoint
+from ngt_ray.checkpoint import ModelCard, model_stem, save_checkpoint
 from ngt_ray.datasets import caltech_split
 from ngt_ray.embeddings import (
     embed_images,
@@ -35,51 +35,48 @@ from ngt_ray.embeddings import (
     training_embeddings,
 )
 from ngt_ray.finetune import FinetuneConfig, finetune_groups
-from ngt_ray.model import GroupTestingModel
+from ngt_ray.model import DESIGNS, GroupTestingModel
+from ngt_ray.options import Common, Photos, option
 from ngt_ray.runtime import pick_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_DEPTHS", "TrainConfig", "train"]
+__all__ = ["TrainConfig", "train"]
 
 # Where each design merges by default (stage indices of EfficientNet-Lite0's 18 stages).
-DEFAULT_DEPTHS = {"pixel": (0,), "feature": (4,), "tree": (4, 6, 8)}
 
 
-@dataclass
-class TrainConfig:
-    data: Path
-    output: Path
-    backbone: str = "efficientnet-lite0"
-    group_size: int = 8
-    design: str = "feature"
-    merge_depths: tuple[int, ...] | None = None  # None: DEFAULT_DEPTHS[design]
-    train_from: int | None = None  # first fine-tuned stage; None: the first merge depth (pixel: 4)
-    screen_size: int = 160  # the group model screens at a reduced resolution; retests run at native size
-    steps: int = 900  # fine-tuning steps of the group model's late stages
-    groups_per_step: int = 16
-    max_negatives: int = 1500
-    val_groups: int = 600  # per calibrated size
-    calibration_sizes: tuple[int, ...] = DEFAULT_SIZES
-    target_recall: float = 0.99
-    hard_negative_fraction: float = 0.25
-    batch_size: int = 32
-    epochs: int = 400
-    seed: int = 0
-    device: str = "auto"
-    individual: bool = True  # also write the individual model (its scores mine hard negatives either way)
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(Common, Photos):
+    """One training run of the individual and group models."""
+
+    output: Path = option(Path("ngt_ray/checkpoints"), "folder for the checkpoints")
+    backbone: str = option("efficientnet-lite0", "staged backbone (ngt_ray.backbone)", choices=lambda: list(BACKBONES))
+    design: str = option("feature", "merge design of the group model", choices=lambda: list(DESIGNS))
+    group_size: int = option(8, "k of the training groups")
+    merge_depths: tuple[int, ...] | None = option(None, "stage indices where groups merge (default: the "
+                                                        "backbone's for the design)")
+    train_from: int | None = option(None, "first fine-tuned stage (default: the first merge depth; pixel: 4)")
+    screen_size: int = option(160, "input size of the group (screen) model; retests run at the native size")
+    steps: int = option(900, "fine-tuning steps of the group model's late stages")
+    groups_per_step: int = option(16, "groups per fine-tuning step")
+    max_negatives: int = option(1500, "negatives per split (a CPU-sized default)")
+    val_groups: int = option(600, "validation groups per calibrated size")
+    calibration_sizes: tuple[int, ...] = option(DEFAULT_SIZES, "group sizes to calibrate")
+    target_recall: float = option(0.99, "of positive groups (and positive images)")
+    hard_negative_fraction: float = option(0.25, "share of negatives drawn from the individual model's hardest")
+    batch_size: int = option(32, "images per embedding batch")
+    epochs: int = option(400, "epochs of the individual model's head")
+    individual: bool = option(True, "also write the individual model (its scores mine hard negatives either way)")
 
     @property
     def depths(self) -> tuple[int, ...]:
-        return tuple(self.merge_depths or DEFAULT_DEPTHS[self.design])
+        return tuple(self.merge_depths or BACKBONES[self.backbone].merge_depths[self.design])
 
     @property
     def first_trained(self) -> int:
         return self.train_from if self.train_from is not None else (self.depths[0] or 4)
 
-    @property
-    def stem(self) -> str:
-        return f"revolver-lite0-{self.design}-k{self.group_size}"
 
 
 def _fit_head(features: torch.Tensor, labels: np.ndarray, epochs: int, seed: int) -> nn.Linear:
@@ -124,7 +121,7 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     backbone = build_backbone(cfg.backbone)
     model = GroupTestingModel(backbone, cfg.depths, cfg.design).to(device).eval()
     native = backbone.spec.input_size
-    splits = {s: subsample_negatives(caltech_split(cfg.data, s), cfg.max_negatives, rng) for s in ("train", "val")}
+    splits = {s: subsample_negatives(caltech_split(cfg.photos, s), cfg.max_negatives, rng) for s in ("train", "val")}
     labels = {s: np.array([lab for _, lab in items]) for s, items in splits.items()}
     cards = {}
 
@@ -141,7 +138,7 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     individual.head.load_state_dict(head.state_dict())
     cards["individual"] = _individual_card(cfg, native, _scores(head, single["val"]), labels["val"])
     if cfg.individual:
-        save_checkpoint(individual, cards["individual"], cfg.output / "revolver-lite0-individual",
+        save_checkpoint(individual, cards["individual"], cfg.output / model_stem(cards["individual"]),
                         [k for k in individual.state_dict() if k.startswith("head.")])
     log.info("individual: %s", cards["individual"].validation)
 
@@ -171,9 +168,7 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     embedded_val = embed_images(model, splits["val"], size, cfg.batch_size, device)
     cards["group"] = calibrate_sizes(model, card, embedded_val, labels["val"], cfg.calibration_sizes,
                                      cfg.target_recall, cfg.val_groups, cfg.seed, device)
-    keys = [key for key in model.state_dict()
-            if key.startswith("head.") or (key.startswith("backbone.stages.") and int(key.split(".")[2]) >= first)]
-    save_checkpoint(model, cards["group"], cfg.output / cfg.stem, keys)
+    save_checkpoint(model, cards["group"], cfg.output / model_stem(cards["group"]), model.shared_state_keys(first))
     log.info("group model: %s", cards["group"].validation)
     log.info("trained in %.0f s", time.perf_counter() - start)
     return cards

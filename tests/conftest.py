@@ -24,16 +24,34 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+# A test that uses any of these is end to end (Ray, real photos, a real S3 server); the rest are
+# unit tests: no Ray, no photos, seconds.
+_E2E_FIXTURES = {"ray_local", "caltech", "planted", "s3_server"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """``gpu``-marked tests need CUDA: skipped where there is none (CI), run by jobs/gpu_check.sh."""
+    """Mark every test ``unit`` or ``e2e`` by the fixtures it uses; ``gpu``-marked tests need CUDA
+    and are skipped where there is none (CI; jobs/gpu_check.sh runs them on a GPU node)."""
     import torch
 
+    for item in items:
+        item.add_marker(pytest.mark.e2e if _E2E_FIXTURES & set(item.fixturenames) else pytest.mark.unit)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    """Without the real photos, stop with one clear message rather than a failure per test (and
+    never a skip: a green run must mean the tests that need photos ran)."""
+    needs_photos = [item for item in session.items if {"caltech", "planted"} & set(item.fixturenames)]
+    root = shared_data_root() / "caltech101"
+    if needs_photos and not (root / "train").is_dir():
+        pytest.exit(f"{len(needs_photos)} selected tests need the real photos, which are not at {root}: "
+                    "see ../shared/data/README.md, or set NGT_RAY_DATA", returncode=1)
 
 
 @pytest.fixture(scope="session")

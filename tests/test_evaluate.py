@@ -7,7 +7,7 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from ngt_ray.checkpoint import DEFAULT_GROUP_MODEL
+from ngt_ray.checkpoint import default_screen_model
 from ngt_ray.evaluate import (
     EvaluationConfig,
     dorfman_reference,
@@ -25,8 +25,9 @@ def test_reference_curves_match_theory():
 
 
 def test_evaluate_writes_table_and_plots(caltech, tmp_path):
-    table = evaluate(EvaluationConfig(data=caltech, models=[str(DEFAULT_GROUP_MODEL)], output=tmp_path,
-                                      sizes=(2, 4), prevalences=(0.05,), population=40, trials=1))
+    table = evaluate(EvaluationConfig(data=caltech, models=[str(default_screen_model())], output=tmp_path,
+                                      sizes=(2, 4), prevalences=(0.05,), population=40, trials=1,
+                                      algorithms=("dorfman", "halving", "overlap")))
     rows = pq.read_table(tmp_path / "results.parquet").to_pylist()
     assert rows == table.to_pylist() and len(rows) == 3 * 2  # algorithms x sizes
     assert {r["algorithm"] for r in rows} == {"dorfman", "halving", "overlap"}

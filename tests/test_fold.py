@@ -53,10 +53,10 @@ def test_a_fold_that_changes_the_output_is_refused():
 
 
 def test_runtime_switch_folds_exactly_on_cpu_and_rejects_unknown_levers():
-    from ngt_ray.checkpoint import DEFAULT_GROUP_MODEL, load_checkpoint
+    from ngt_ray.checkpoint import default_screen_model, load_checkpoint
     from ngt_ray.runtime import accelerate
 
-    model, card = load_checkpoint(DEFAULT_GROUP_MODEL)
+    model, card = load_checkpoint(default_screen_model())
     cpu = torch.device("cpu")
     eager, applied = accelerate(model, cpu, card.input_size, "eager")
     assert eager is model and applied == {"runtime": "eager"}

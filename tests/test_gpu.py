@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ngt_ray.checkpoint import DEFAULT_GROUP_MODEL, DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
+from ngt_ray.checkpoint import DEFAULT_INDIVIDUAL_MODEL, default_screen_model, load_checkpoint
 from ngt_ray.datasets import caltech_split
 from ngt_ray.decode import decode_many, decode_on_device
 from ngt_ray.runtime import accelerate, inference_context
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 
 
-@pytest.mark.parametrize("stem", [DEFAULT_GROUP_MODEL, DEFAULT_INDIVIDUAL_MODEL])
+@pytest.mark.parametrize("stem", [default_screen_model(), DEFAULT_INDIVIDUAL_MODEL])
 def test_fast_runtime_folds_on_cuda_with_tf32_on(stem):
     torch.backends.cudnn.allow_tf32 = True  # cuDNN's default: the fold check must not depend on it
     model, card = load_checkpoint(stem, map_location=CUDA)

