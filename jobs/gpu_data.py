@@ -15,7 +15,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from ngt_ray.datasets import caltech_split, shared_data_root
+from ngt_ray.options import shared_data_root
+from ngt_ray.training.datasets import caltech_split
 
 
 def main() -> None:

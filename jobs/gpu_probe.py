@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from ngt_ray.checkpoint import DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
-from ngt_ray.runtime import NativeDepthwise, accelerate
+from ngt_ray.nets.checkpoint import DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
+from ngt_ray.nets.runtime import NativeDepthwise, accelerate
 
 CUDA = torch.device("cuda")
 

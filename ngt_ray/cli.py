@@ -13,14 +13,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ngt_ray.benchmark import BenchmarkConfig
-from ngt_ray.calibrate import CalibrateConfig
-from ngt_ray.compress import CompressConfig
-from ngt_ray.demo import DemoConfig
-from ngt_ray.evaluate import EvaluationConfig
+from ngt_ray.job.plan import ModerationConfig
 from ngt_ray.options import add_options, from_args
-from ngt_ray.plan import ModerationConfig
-from ngt_ray.train import TrainConfig
+from ngt_ray.tools.benchmark import BenchmarkConfig
+from ngt_ray.tools.calibrate import CalibrateConfig
+from ngt_ray.tools.compress import CompressConfig
+from ngt_ray.tools.demo import DemoConfig
+from ngt_ray.tools.evaluate import EvaluationConfig
+from ngt_ray.tools.train import TrainConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -51,7 +51,7 @@ def _init_ray(address: str | None) -> None:
 
 
 def _moderate(args: argparse.Namespace) -> int:
-    from ngt_ray.pipeline import run_moderation
+    from ngt_ray.job.pipeline import run_moderation
 
     cfg = from_args(ModerationConfig, args)
     _init_ray(cfg.ray_address)
@@ -60,7 +60,7 @@ def _moderate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ngt_ray.train import train
+    from ngt_ray.tools.train import train
 
     for kind, card in train(from_args(TrainConfig, args)).items():
         print(f"{kind}: threshold {card.threshold:.4f}; validation {json.dumps(card.validation)}")
@@ -68,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from ngt_ray.calibrate import recalibrate
+    from ngt_ray.tools.calibrate import recalibrate
 
     cfg = from_args(CalibrateConfig, args)
     card = recalibrate(cfg.model, cfg.photos, cfg.sizes, cfg.target_recall, cfg.groups, cfg.seed, cfg.device)
@@ -79,7 +79,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from ngt_ray.compress import compress
+    from ngt_ray.tools.compress import compress
 
     report = compress(from_args(CompressConfig, args))
     first, final = report["steps"][0], report["final"]
@@ -91,7 +91,7 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    from ngt_ray.benchmark import run_benchmark
+    from ngt_ray.tools.benchmark import run_benchmark
 
     cfg = from_args(BenchmarkConfig, args)
     _init_ray(cfg.ray_address)
@@ -100,15 +100,15 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from ngt_ray.evaluate import evaluate
+    from ngt_ray.tools.evaluate import evaluate
 
     evaluate(from_args(EvaluationConfig, args))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ngt_ray.demo import build_bucket, recall_of
-    from ngt_ray.pipeline import run_moderation
+    from ngt_ray.job.pipeline import run_moderation
+    from ngt_ray.tools.demo import build_bucket, recall_of
 
     demo = from_args(DemoConfig, args)
     work = demo.workdir or Path(tempfile.mkdtemp(prefix="ngt-ray-demo-"))

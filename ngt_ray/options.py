@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Common", "Photos", "add_options", "from_args", "option"]
+__all__ = ["Common", "Photos", "add_options", "from_args", "option", "shared_data_root"]
 
 _MISSING = dataclasses.MISSING
 
@@ -53,9 +54,15 @@ class Photos:
     def photos(self) -> Path:
         if self.data is not None:
             return Path(self.data)
-        from ngt_ray.datasets import shared_data_root
-
         return shared_data_root() / "caltech101"
+
+
+def shared_data_root() -> Path:
+    """``$NGT_RAY_DATA`` or ``../shared/data`` beside the project checkout."""
+    env = os.environ.get("NGT_RAY_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def _strip_optional(tp: Any) -> Any:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ngt_ray.datasets import shared_data_root
+from ngt_ray.options import shared_data_root
 
 # Test credentials for the loopback S3 server. Set before Ray starts so its workers inherit them
 # through the standard AWS chain, exactly as they would inherit a cluster's.
@@ -75,9 +75,19 @@ def ray_local():
 @pytest.fixture(scope="session")
 def planted(caltech, tmp_path_factory):
     """A folder bucket of 4 held-out revolver photos among 28 other held-out photos."""
-    from ngt_ray.demo import build_bucket
+    from ngt_ray.tools.demo import build_bucket
 
     return build_bucket(caltech, tmp_path_factory.mktemp("planted") / "bucket", prevalence=0.125, max_images=28)
+
+
+@pytest.fixture
+def bucket_copy(planted, tmp_path) -> Path:
+    """A writable copy of the planted bucket, for tests that add bad objects to it."""
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    for f in planted.root.iterdir():
+        (bucket / f.name).write_bytes(f.read_bytes())
+    return bucket
 
 
 def _free_port() -> int:

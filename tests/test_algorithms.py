@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ngt_ray.algorithms import ALGORITHMS, oracle_scorer, screen, split_halves
-from ngt_ray.cost_table import StageCosts
-from ngt_ray.planning import (
+from ngt_ray.grouptesting.algorithms import ALGORITHMS, oracle_scorer, screen, split_halves
+from ngt_ray.grouptesting.cost_table import StageCosts
+from ngt_ray.grouptesting.planning import (
     PrevalenceEstimate,
     ScreenQuality,
     choose_group_size,

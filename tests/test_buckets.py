@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ngt_ray.buckets import plant
+from ngt_ray.grouptesting.buckets import plant
 
 
 def test_planting_keeps_the_prevalence_and_shrinks_negatives_when_positives_run_out():

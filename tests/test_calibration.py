@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ngt_ray.calibration import threshold_for_recall
+from ngt_ray.grouptesting.calibration import threshold_for_recall
 
 
 @settings(max_examples=200)

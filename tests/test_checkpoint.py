@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ngt_ray.backbone import build_backbone
-from ngt_ray.checkpoint import (
+from ngt_ray.nets.backbone import build_backbone
+from ngt_ray.nets.checkpoint import (
     DEFAULT_INDIVIDUAL_MODEL,
     default_screen_model,
     load_checkpoint,
@@ -32,7 +32,7 @@ def test_committed_checkpoints_load_and_agree_with_their_cards():
 
 
 def test_the_catalogue_names_every_packaged_model_by_what_its_card_says(tmp_path):
-    from ngt_ray.checkpoint import get_model, list_models, model_stem, read_card
+    from ngt_ray.nets.checkpoint import get_model, list_models, model_stem, read_card
 
     names = list_models()
     assert "revolver-lite0-individual" in names and "revolver-lite0-tree-k8-compressed" in names

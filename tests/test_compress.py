@@ -11,24 +11,24 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ngt_ray.acceptance import judge
-from ngt_ray.backbone import build_backbone
-from ngt_ray.checkpoint import (
+from ngt_ray.nets.backbone import build_backbone
+from ngt_ray.nets.checkpoint import (
     ModelCard,
     default_screen_model,
     load_checkpoint,
     save_checkpoint,
 )
-from ngt_ray.compress import CompressConfig, Holdout, compress
-from ngt_ray.datasets import caltech_split
-from ngt_ray.easier import activation_entropy
-from ngt_ray.embeddings import embed_images, sample_groups
-from ngt_ray.finetune import group_loss
-from ngt_ray.fold import fold_batchnorm
-from ngt_ray.model import GroupTestingModel, gather
-from ngt_ray.profiling import count_macs
-from ngt_ray.pruning import channel_pruner
-from ngt_ray.surgery import linearise
+from ngt_ray.nets.fold import fold_batchnorm
+from ngt_ray.nets.model import GroupTestingModel, gather
+from ngt_ray.nets.profiling import count_macs
+from ngt_ray.nets.surgery import linearise
+from ngt_ray.tools.compress import CompressConfig, Holdout, compress
+from ngt_ray.training.acceptance import judge
+from ngt_ray.training.datasets import caltech_split
+from ngt_ray.training.easier import activation_entropy
+from ngt_ray.training.embeddings import embed_images, sample_groups
+from ngt_ray.training.finetune import group_loss
+from ngt_ray.training.pruning import channel_pruner
 
 CPU = torch.device("cpu")
 FIRST_SHARED = "backbone.stages.4._expand_conv.weight"
@@ -154,7 +154,7 @@ def test_judge_counts_false_negatives_at_each_models_own_threshold():
 
 
 def test_compress_save_load_moderate(caltech, ray_local, planted, tmp_path):
-    from ngt_ray.pipeline import ModerationConfig, run_moderation
+    from ngt_ray.job.pipeline import ModerationConfig, run_moderation
 
     stem = tmp_path / "tiny-compressed"
     report = compress(CompressConfig(

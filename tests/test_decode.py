@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ngt_ray.decode import decode_image
+from ngt_ray.nets.decode import decode_image
 
 
 def test_decode_errors_are_values_not_exceptions(caltech):

@@ -7,8 +7,8 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from ngt_ray.checkpoint import default_screen_model
-from ngt_ray.evaluate import (
+from ngt_ray.nets.checkpoint import default_screen_model
+from ngt_ray.tools.evaluate import (
     EvaluationConfig,
     dorfman_reference,
     entropy_bound,

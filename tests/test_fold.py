@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from ngt_ray.backbone import build_backbone
-from ngt_ray.fold import FoldError, fold_batchnorm
-from ngt_ray.model import GroupTestingModel
+from ngt_ray.nets.backbone import build_backbone
+from ngt_ray.nets.fold import FoldError, fold_batchnorm
+from ngt_ray.nets.model import GroupTestingModel
 
 
 @pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet18", "mobilenet_v3_small"])
@@ -53,8 +53,8 @@ def test_a_fold_that_changes_the_output_is_refused():
 
 
 def test_runtime_switch_folds_exactly_on_cpu_and_rejects_unknown_levers():
-    from ngt_ray.checkpoint import default_screen_model, load_checkpoint
-    from ngt_ray.runtime import accelerate
+    from ngt_ray.nets.checkpoint import default_screen_model, load_checkpoint
+    from ngt_ray.nets.runtime import accelerate
 
     model, card = load_checkpoint(default_screen_model())
     cpu = torch.device("cpu")
@@ -74,7 +74,7 @@ def test_runtime_switch_folds_exactly_on_cpu_and_rejects_unknown_levers():
 def test_fold_check_holds_under_reduced_precision_and_still_catches_a_misfold():
     """The check's verdict must not depend on the device's arithmetic: a bf16 model (outputs ~1e-2
     apart between any two evaluation orders) folds; a misfold is refused in bf16 too."""
-    from ngt_ray.fold import FOLD_RTOL, fold_error
+    from ngt_ray.nets.fold import FOLD_RTOL, fold_error
 
     torch.manual_seed(0)
     model = GroupTestingModel(build_backbone("efficientnet-lite0"), (4, 6, 8), "tree").eval()
@@ -89,7 +89,7 @@ def test_fold_check_holds_under_reduced_precision_and_still_catches_a_misfold():
 
 def test_padded_batches_give_the_rows_they_would_unpadded():
     """On a GPU the backbone pads every call to a few batch sizes; padding rows must not leak."""
-    from ngt_ray.backbone import padded_batch
+    from ngt_ray.nets.backbone import padded_batch
 
     assert [padded_batch(n) for n in (1, 8, 9, 37, 512, 513)] == [8, 8, 16, 64, 512, 1024]
     torch.manual_seed(0)
@@ -104,8 +104,8 @@ def test_padded_batches_give_the_rows_they_would_unpadded():
 
 
 def test_native_depthwise_wraps_every_depthwise_conv_once_and_changes_nothing():
-    from ngt_ray.checkpoint import DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
-    from ngt_ray.runtime import NativeDepthwise, native_depthwise
+    from ngt_ray.nets.checkpoint import DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
+    from ngt_ray.nets.runtime import NativeDepthwise, native_depthwise
 
     model, card = load_checkpoint(DEFAULT_INDIVIDUAL_MODEL)
     depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1]

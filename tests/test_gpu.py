@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ngt_ray.checkpoint import DEFAULT_INDIVIDUAL_MODEL, default_screen_model, load_checkpoint
-from ngt_ray.datasets import caltech_split
-from ngt_ray.decode import decode_many, decode_on_device
-from ngt_ray.runtime import accelerate, inference_context
+from ngt_ray.nets.checkpoint import DEFAULT_INDIVIDUAL_MODEL, default_screen_model, load_checkpoint
+from ngt_ray.nets.decode import decode_many, decode_on_device
+from ngt_ray.nets.runtime import accelerate, inference_context
+from ngt_ray.training.datasets import caltech_split
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

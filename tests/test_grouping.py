@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ngt_ray.grouping import form_groups, group_ids, key_hashes
+from ngt_ray.grouptesting.grouping import form_groups, group_ids, key_hashes
 
 
 @given(n=st.integers(0, 200), k=st.integers(1, 32), seed=st.integers(0, 2**32 - 1))

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ngt_ray.datasets import caltech_split
-from ngt_ray.decode import decode_image, decode_on_device
-from ngt_ray.pipeline import ModerationConfig, run_moderation
+from ngt_ray.job.pipeline import ModerationConfig, run_moderation
+from ngt_ray.nets.decode import decode_image, decode_on_device
+from ngt_ray.training.datasets import caltech_split
 
 SIZE = 224
 
@@ -64,11 +64,8 @@ def test_device_decoder_without_cuda_matches_and_falls_back_per_image(large_jpeg
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_gpu_decode_falls_back_cleanly_without_cuda(planted, tmp_path):
-    bucket = tmp_path / "bucket"
-    bucket.mkdir()
-    for f in planted.root.iterdir():
-        (bucket / f.name).write_bytes(f.read_bytes())
+def test_gpu_decode_falls_back_cleanly_without_cuda(planted, bucket_copy, tmp_path):
+    bucket = bucket_copy
     (bucket / "zero-bytes.jpg").write_bytes(b"")
     (bucket / "text.png").write_bytes(b"this is not an image")
     stats = run_moderation(ModerationConfig(input=str(bucket), output=str(tmp_path / "out"), decode="gpu",
@@ -93,7 +90,7 @@ def test_individual_baseline_scores_every_image_once(planted, tmp_path):
 
 @pytest.mark.usefixtures("ray_local")
 def test_benchmark_runs_end_to_end_at_tiny_size(caltech, tmp_path):
-    from ngt_ray.benchmark import BenchmarkConfig, run_benchmark
+    from ngt_ray.tools.benchmark import BenchmarkConfig, run_benchmark
 
     result = run_benchmark(BenchmarkConfig(data=caltech, workdir=tmp_path / "work", output=tmp_path / "json",
                                            markdown=tmp_path / "benchmarks.md", n_images=24, prevalence=0.05,

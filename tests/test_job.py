@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from ngt_ray.checkpoint import (
+from ngt_ray.job.pipeline import ModerationConfig, run_moderation
+from ngt_ray.nets.checkpoint import (
     DEFAULT_INDIVIDUAL_MODEL,
     default_screen_model,
     load_checkpoint,
 )
-from ngt_ray.pipeline import ModerationConfig, run_moderation
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -159,8 +159,8 @@ def test_s3_bucket_in_and_out(planted, s3_server, tmp_path):
 
 
 def test_s3_wrong_credentials_fail_clearly(planted, s3_server, tmp_path, monkeypatch):
-    from ngt_ray.sources import read_source
-    from ngt_ray.storage import resolve
+    from ngt_ray.job.sources import read_source
+    from ngt_ray.job.storage import resolve
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(PermissionError):

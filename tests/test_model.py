@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ngt_ray.backbone import build_backbone
-from ngt_ray.cost_table import plan_sizes
-from ngt_ray.model import GroupTestingModel, merge_max, merge_segments
-from ngt_ray.profiling import count_macs, stage_macs
+from ngt_ray.grouptesting.cost_table import plan_sizes
+from ngt_ray.nets.backbone import build_backbone
+from ngt_ray.nets.model import GroupTestingModel, merge_max, merge_segments
+from ngt_ray.nets.profiling import count_macs, stage_macs
 
 
 @pytest.fixture(scope="module")

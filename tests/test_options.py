@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from ngt_ray.cli import _COMMANDS, build_parser
-from ngt_ray.evaluate import EvaluationConfig
+from ngt_ray.job.plan import ModerationConfig
 from ngt_ray.options import from_args
-from ngt_ray.plan import ModerationConfig
-from ngt_ray.train import TrainConfig
+from ngt_ray.tools.evaluate import EvaluationConfig
+from ngt_ray.tools.train import TrainConfig
 
 _REQUIRED = {"moderate": ["--input", "in", "--output", "out"], "calibrate": ["--model", "m"],
              "compress": ["--model", "m", "--output", "o"]}

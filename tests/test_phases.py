@@ -7,8 +7,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from ngt_ray.phases import PHASES, PhaseClock
-from ngt_ray.pipeline import ModerationConfig, run_moderation
+from ngt_ray.job.phases import PHASES, PhaseClock
+from ngt_ray.job.pipeline import ModerationConfig, run_moderation
 
 
 def test_phase_clock_nests_and_measures_the_wait_between_batches():
@@ -30,11 +30,8 @@ def test_phase_clock_nests_and_measures_the_wait_between_batches():
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_stub_models_run_the_whole_job_and_every_phase_is_accounted(planted, tmp_path):
-    bucket = tmp_path / "bucket"
-    bucket.mkdir()
-    for f in planted.root.iterdir():
-        (bucket / f.name).write_bytes(f.read_bytes())
+def test_stub_models_run_the_whole_job_and_every_phase_is_accounted(planted, bucket_copy, tmp_path):
+    bucket = bucket_copy
     (bucket / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     stats = run_moderation(ModerationConfig(input=str(bucket), output=str(tmp_path / "out"), stub_models=True,
                                             group_size=4, measure_time=False))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ngt_ray.plan import ModerationConfig, actor_placement, plan
+from ngt_ray.job.plan import ModerationConfig, actor_placement, plan
 
 
 def test_gpu_actors_share_each_gpu_and_leave_the_cpus_to_decode():

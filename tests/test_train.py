@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ngt_ray.checkpoint import (
+from ngt_ray.nets.checkpoint import (
     load_checkpoint,
 )
 
 
 def test_training_writes_calibrated_loadable_checkpoints(caltech, tmp_path):
-    from ngt_ray.train import TrainConfig, train
+    from ngt_ray.tools.train import TrainConfig, train
 
     cards = train(TrainConfig(data=caltech, output=tmp_path, design="tree", max_negatives=24, steps=2,
                               val_groups=16, epochs=20, screen_size=96, calibration_sizes=(1, 2, 8)))

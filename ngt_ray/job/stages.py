@@ -1,0 +1,253 @@
+"""The Ray Data stages of a moderation job: CPU decode tasks and the model actor.
+
+One model actor holds both models. It screens a batch with group tests on cached embeddings,
+confirms the candidates with the individual model right there, and emits the final flags rows:
+cleared rows never leave the actor to reach a confirming model, no bytes travel between two
+pools, and a GPU is not split between a busy screen and an idle confirmation.
+
+Each stage catches per-image failures and emits them as rows (``max_errored_blocks`` would drop a
+whole block), and times its phases (``ngt_ray.job.phases``) into the job's ledger.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ngt_ray.grouptesting.algorithms import screen
+from ngt_ray.grouptesting.grouping import batch_rng, group_ids, key_hashes
+from ngt_ray.grouptesting.planning import PrevalenceEstimate, ScreenQuality, choose_group_size
+from ngt_ray.job.contracts import FLAGS_SCHEMA, ActorSpec, Screened
+from ngt_ray.job.phases import DEVICE_PHASES, PhaseClock, round_phase
+from ngt_ray.nets.decode import decode_many, decode_on_device
+from ngt_ray.nets.runtime import accelerate, inference_context, pick_device
+from ngt_ray.nets.stubs import load_model
+
+__all__ = ["FLAGS_SCHEMA", "ModelActor", "Moderator", "decode_batch"]
+
+
+def decode_batch(batch: dict[str, np.ndarray], size: int, ledger=None) -> dict[str, np.ndarray]:
+    """CPU decode to uint8 ``(size, size, 3)``; the encoded bytes ride along for confirmation."""
+    clock = PhaseClock()
+    clock.start_batch()
+    with clock.phase("decode"):
+        pixels, errors = decode_many(list(batch["bytes"]), size, channels_last=True)
+        if "error" in batch:  # the reader could not fetch these: its reason, not "empty object"
+            errors = [read_error or err for read_error, err in zip(batch["error"], errors)]
+        out = {
+            "uri": batch["uri"],
+            "bytes": batch["bytes"],
+            "pixels": pixels,
+            # "" rather than None between stages: an all-None column loses its string type in transit
+            "error": np.array([e or "" for e in errors], dtype=object),
+        }
+    if ledger is not None:
+        ledger.add.remote(clock.finish_batch(len(errors)), "decode_tasks")
+    return out
+
+
+class ModelActor:
+    """Loads a model once per actor onto the actor's device, with the runtime levers on, and moves
+    pixel batches there through a pinned staging buffer."""
+
+    def __init__(self, model_path: str, device: str, threads: int, runtime: str = "fast",
+                 stub: bool = False) -> None:
+        self.device = pick_device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.model, self.card, self.levers = self._load(model_path, runtime, stub)
+        self._staging: torch.Tensor | None = None
+
+    def _load(self, path: str, runtime: str, stub: bool):
+        model, card = load_model(path, stub=stub, map_location=self.device)
+        model, levers = accelerate(model, self.device, card.input_size, runtime)
+        return model, card, levers
+
+    def _to_device(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 pixels as an NCHW tensor on the model's device, channels-last in memory.
+
+        Host arrays arrive as NHWC (Pillow's layout), so the permuted view *is* channels-last and
+        no layout copy is made anywhere (convolutions take it as it is, on either device). On a
+        GPU the host-to-device copy goes through a reused pinned buffer, so it is a non-blocking
+        DMA rather than a staged pageable copy.
+        """
+        if isinstance(pixels, torch.Tensor):  # decoded on the device: NCHW already there
+            x = pixels.to(self.device)
+            return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        host = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type != "cuda":
+            return host.permute(0, 3, 1, 2)
+        if self._staging is None or self._staging.numel() < host.numel():
+            self._staging = torch.empty(host.numel(), dtype=torch.uint8).pin_memory()
+        staged = self._staging[: host.numel()].view(host.shape)
+        staged.copy_(host)
+        return staged.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+
+
+class Moderator(ModelActor):
+    """Screens a batch with group tests and confirms its candidates: uri/bytes/pixels in, flags out.
+
+    Every image is embedded once; the algorithm's rounds (Dorfman, halving, overlapping pools)
+    score merged groups of those cached embeddings, one batched forward per round, so a halving
+    retest pays only the shared stages. ``group_size=None`` chooses k per batch from the measured
+    stage costs, the card's per-size calibration and a running prevalence estimate. Candidates
+    are decoded again from their bytes at the individual model's size and scored one by one.
+    Without a screen model (the baseline), every image is a candidate.
+    """
+
+    def __init__(self, spec: ActorSpec) -> None:
+        super().__init__(spec.individual_model, spec.device, spec.threads, spec.runtime, spec.stub_models)
+        self.spec = spec
+        self.clock = PhaseClock(cuda=self.device.type == "cuda")
+        self.screen_model = self.screen_card = self.quality = None
+        if spec.screen_model is not None:
+            self.screen_model, self.screen_card, _ = self._load(spec.screen_model, spec.runtime, spec.stub_models)
+            calibration = self.screen_card.calibration
+            self.quality = ScreenQuality.from_card(calibration) if calibration else None
+        self.prevalence = PrevalenceEstimate(prior=spec.prevalence_prior)
+
+    # -- the batch -----------------------------------------------------------------------------
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        self.clock.start_batch()
+        n = len(batch["uri"])
+        pixels, errors = self._pixels(batch)
+        ok = np.flatnonzero(np.array([not e for e in errors], dtype=bool))
+        screened = Screened.empty(n, timed=self.spec.seconds is not None)
+        if self.screen_model is None:
+            screened.candidate[ok] = True
+        elif ok.size:
+            self._screen(batch["uri"], pixels, ok, screened)
+        flagged = self._confirm(batch, pixels, errors, screened)
+        with self.clock.phase("output"):
+            table = _flags_table(batch["uri"], flagged, errors, screened)
+        record = self.clock.finish_batch(n)
+        if self.device.type != "cuda":  # the CPU is the model's device: its busy time is the model phases'
+            record["device_seconds"] = sum(record["wall"].get(p, 0.0) for p in DEVICE_PHASES)
+        if self.spec.ledger is not None:
+            self.spec.ledger.add.remote(record)
+        return table
+
+    def _pixels(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray | torch.Tensor, list[str | None]]:
+        """The batch's pixels at the first model's size and the per-image errors."""
+        if "pixels" in batch:  # decoded by the CPU decode tasks
+            return batch["pixels"], [e or None for e in batch["error"]]
+        size = (self.screen_card or self.card).input_size
+        with self.clock.phase("decode"):  # bytes arrived undecoded: decode where the model runs
+            pixels, errors = decode_on_device(list(batch["bytes"]), size, self.device)
+        if "error" in batch:  # the reader could not fetch these: its reason, not "empty object"
+            errors = [read_error or err for read_error, err in zip(batch["error"], errors)]
+        return pixels, errors
+
+    # -- the screen ----------------------------------------------------------------------------
+
+    def _choose_k(self) -> int:
+        if self.spec.group_size is not None:
+            return self.spec.group_size
+        if self.quality is None:
+            return self.screen_card.group_size
+        costs = self.spec.seconds or self.spec.macs
+        return choose_group_size(self.spec.algorithm, self.screen_card.calibrated_sizes, self.prevalence.value,
+                                 costs, self.quality, self.spec.min_size)
+
+    def _screen(self, uris: np.ndarray, pixels: np.ndarray | torch.Tensor, ok: np.ndarray,
+                out: Screened) -> None:
+        """Run the algorithm over the ``ok`` rows and fill their part of ``out``."""
+        k = self._choose_k()
+        subset = pixels if ok.size == len(pixels) else pixels[ok]
+        with self.clock.phase("to_device"):
+            x = self._to_device(subset)
+        with self.clock.phase("embed"), inference_context(self.device):
+            h = self.screen_model.embed(x)
+        rounds = 0
+
+        def score(groups: list[np.ndarray]) -> np.ndarray:
+            nonlocal rounds
+            rounds += 1
+            with self.clock.phase(round_phase(rounds)), inference_context(self.device):
+                idx = torch.from_numpy(np.concatenate(groups)).to(self.device, non_blocking=True)
+                logits = self.screen_model.score_groups(h[idx], [len(g) for g in groups])
+                return torch.sigmoid(logits.float()).cpu().numpy()
+
+        card, costs = self.screen_card, self.spec
+        with self.clock.phase("bookkeeping"):
+            result = screen(self.spec.algorithm, ok.size, k, batch_rng(self.spec.seed, uris[ok[0]]), score,
+                            card.threshold_for, self.spec.min_size)
+            sizes = np.fromiter(map(len, result.groups), dtype=np.int64, count=len(result.groups))
+            members = np.concatenate(result.groups)
+            rows = ok[members]
+            out.group_id[rows] = np.repeat(group_ids(key_hashes(uris[ok]), members, sizes), sizes)
+            out.group_size[rows] = np.repeat(sizes, sizes)
+            out.group_score[ok] = result.group_score
+            out.score[ok] = result.score
+            out.tests[ok] = result.tests
+            out.compute_macs[ok] = costs.macs.embed + result.cost(costs.macs.group_cost)
+            if costs.seconds is not None:
+                out.compute_seconds[ok] = costs.seconds.embed + result.cost(costs.seconds.group_cost)
+            out.candidate[ok] = result.candidate
+            out.cleared_in_round_one[ok] = result.decided_in_round_one
+            if self.quality is not None:
+                first = result.group_score[members[np.cumsum(sizes) - sizes]]
+                distinct, which = np.unique(sizes, return_inverse=True)
+                positive = int((first >= np.array([card.threshold_for(int(s)) for s in distinct])[which]).sum())
+                self.prevalence.update(k, len(sizes), positive, self.quality)
+
+    # -- the confirmation ----------------------------------------------------------------------
+
+    def _confirm(self, batch: dict[str, np.ndarray], pixels: np.ndarray | torch.Tensor, errors: list[str | None],
+                 screened: Screened) -> np.ndarray:
+        """Score the candidates with the individual model; returns ``flagged`` and updates
+        ``screened`` (score, compute) and ``errors`` in place."""
+        todo = np.flatnonzero(screened.candidate)
+        flagged = np.zeros(len(errors), dtype=bool)
+        if not todo.size:
+            return flagged
+        with self.clock.phase("confirm"):
+            if self.screen_model is None:  # no screen: the pixels are already at this model's size
+                candidates, decode_errors = (pixels if todo.size == len(pixels) else pixels[todo]), [None] * todo.size
+            elif self.spec.decode_here:
+                candidates, decode_errors = decode_on_device([batch["bytes"][i] for i in todo], self.card.input_size,
+                                                             self.device)
+            else:
+                candidates, decode_errors = decode_many([batch["bytes"][i] for i in todo], self.card.input_size,
+                                                        channels_last=True)
+            with inference_context(self.device):
+                logits = self.model(self._to_device(candidates))
+            scores = torch.sigmoid(logits.float()).cpu().numpy()
+        screened.score[todo] = scores
+        flagged[todo] = scores >= self.card.threshold
+        screened.compute_macs[todo] += self.spec.macs.confirm
+        screened.compute_seconds[todo] += self.spec.seconds.confirm if self.spec.seconds is not None else np.nan
+        for i, err in zip(todo, decode_errors):
+            if err is not None:  # after a screen, a changed or vanished object
+                errors[i] = f"retest {err}" if screened.group_id[i] >= 0 else err
+                flagged[i] = False
+        screened.candidate[:] = False
+        screened.candidate[todo] = True  # "retested" from here on
+        return flagged
+
+
+def _flags_table(uris: np.ndarray, flagged: np.ndarray, errors: list[str | None], s: Screened) -> pa.Table:
+    """The final rows of a batch, in ``FLAGS_SCHEMA``."""
+    is_error = np.array([e is not None for e in errors], dtype=bool)
+    decided_by = np.where(is_error, "error", np.where(
+        s.candidate, "retest", np.where(s.cleared_in_round_one, "group", "subgroup")))
+    no_group = s.group_id < 0
+    spent = ~no_group | s.candidate  # rows some model ran on carry their compute
+    return pa.table(
+        {
+            "uri": pa.array(uris, pa.string()),
+            "flagged": pa.array(flagged & ~is_error),
+            "score": pa.array(s.score, pa.float32(), mask=is_error | np.isnan(s.score)),
+            "group_id": pa.array(s.group_id, pa.int64(), mask=no_group),
+            "group_size": pa.array(s.group_size, pa.int16(), mask=no_group),
+            "group_score": pa.array(s.group_score, pa.float32(), mask=np.isnan(s.group_score)),
+            "decided_by": pa.array(decided_by, pa.string()),
+            "tests": pa.array(s.tests, pa.float32(), mask=no_group),
+            "compute_macs": pa.array(s.compute_macs, pa.float64(), mask=~spent),
+            "compute_seconds": pa.array(s.compute_seconds, pa.float64(), mask=~spent | np.isnan(s.compute_seconds)),
+            "error": pa.array(errors, pa.string()),
+        },
+        schema=FLAGS_SCHEMA,
+    )

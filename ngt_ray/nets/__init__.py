@@ -1,0 +1,1 @@
+"""The networks: staged backbones, group-testing models, checkpoints, runtime levers, decoding to pixels, profiling."""

@@ -1,0 +1,1 @@
+"""Offline commands: train, calibrate, compress, evaluate, benchmark, demo."""

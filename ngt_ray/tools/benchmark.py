@@ -1,0 +1,318 @@
+"""``ngt-ray benchmark``: the plain Ray Data recipe, ngt-ray without grouping, and ngt-ray, side by side.
+
+One run, one bucket of JPEGs at a realistic size, one backbone:
+
+(a) **plain**: ``ray.data.read_images(size=...)`` -> an actor pool running the individual model on
+    every image -> ``write_parquet``: what a user writes first;
+(b) **individual**: ngt-ray's input path (bytes through the object store, draft-mode or on-device
+    decode) with the individual model on every image (``--no-screen``);
+(c) **ngt-ray**: the default job, group testing with the compressed screen.
+
+The ratios (b)/(a) and (c)/(a) are what the benchmark is for; absolute figures depend on the
+machine. Core-seconds and GPU-seconds are *reserved* resources (wall time x the cluster's CPUs or
+GPUs), which is what a cluster is billed for. (a) and (b) run the same model at the same
+threshold, so their flags should agree; disagreements come from the two resize paths and are
+counted, not hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+from PIL import Image
+
+from ngt_ray.grouptesting.buckets import plant
+from ngt_ray.job.phases import OPERATOR_STAGES, operator_cpu_seconds
+from ngt_ray.job.pipeline import ModerationConfig, actor_placement, run_moderation
+from ngt_ray.job.plan import DECODERS, OnCluster
+from ngt_ray.job.stages import ModelActor
+from ngt_ray.nets.checkpoint import DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
+from ngt_ray.nets.runtime import RUNTIMES, inference_context
+from ngt_ray.options import Photos, option
+from ngt_ray.training.datasets import caltech_split
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BenchmarkConfig", "make_jpeg_bucket", "run_benchmark", "write_markdown"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkConfig(OnCluster, Photos):
+    """One benchmark run: the bucket, the pipelines' shared settings, where results go."""
+
+    workdir: Path | None = option(None, "scratch folder for the bucket and the three outputs (default: a new "
+                                        "temporary folder)")
+    output: Path = option(Path("docs/benchmarks"), "folder for <device>.json")
+    markdown: Path = option(Path("docs/benchmarks.md"), "the table of every device JSON in --output")
+    input: str | None = option(None, "a folder of JPEGs to use instead of a generated bucket")
+    n_images: int = option(2000, "JPEGs in the generated bucket, made from held-out photos")
+    prevalence: float = option(0.001, "share of planted revolvers in the generated bucket")
+    width: int = option(500, "width of the generated JPEGs")
+    height: int = option(375, "height of the generated JPEGs")
+    decode: str = option("auto", "decode placement of (b) and (c) (see moderate --decode)", choices=DECODERS)
+    runtime: str = option("fast", "runtime levers of every model", choices=RUNTIMES)
+    stub_models: bool = option(False, "near-zero-compute stand-ins for every model: the CPU cost of everything "
+                                      "else, per stage")
+    actors_per_gpu: int = option(2, "model actors sharing each GPU, in every pipeline")
+    workers: int | None = option(None, "processes that build the bucket (default: all cores)")
+    compare_decode: bool = option(False, "also run (c) with --decode cpu, to place decode by measurement")
+
+
+def _write_jpeg(job: tuple[Path, Path, bool, int, int]) -> None:
+    src, dest, mirror, width, height = job
+    with Image.open(src) as img:
+        img = img.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+        if mirror:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img.save(dest, "JPEG", quality=90)
+
+
+def make_jpeg_bucket(data: Path, root: Path, n: int, prevalence: float, width: int, height: int,
+                     seed: int = 0, workers: int | None = None) -> tuple[Path, set[str]]:
+    """``n`` JPEGs of ``width`` x ``height`` made from held-out Caltech photos, ``prevalence`` of them
+    (at least one) revolvers, written by ``workers`` processes. Photos are reused, mirrored on odd
+    passes, when ``n`` exceeds the set; empty files (placeholders that keep the hash split of a
+    partial copy intact) are skipped. Returns the folder and the file names of the positives."""
+    rng = np.random.default_rng(seed)
+    items = [(path, label) for path, label in caltech_split(data, "test") if path.stat().st_size]
+    labels = np.array([label for _, label in items])
+    pos_idx, neg_idx = plant(labels, prevalence, rng, total=n)
+    chosen = [(items[i][0], True) for i in pos_idx] + [(items[i][0], False) for i in neg_idx]
+    positives, negatives = (labels == 1).sum(), (labels == 0).sum()
+    order = rng.permutation(len(chosen))
+    root.mkdir(parents=True, exist_ok=True)
+    jobs, planted = [], set()
+    for j, idx in enumerate(order):
+        path, positive = chosen[idx]
+        name = f"{j:08d}.jpg"
+        mirror = bool((idx // (positives if positive else negatives)) % 2)
+        jobs.append((path, root / name, mirror, width, height))
+        if positive:
+            planted.add(name)
+    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        list(pool.map(_write_jpeg, jobs, chunksize=64))
+    return root, planted
+
+
+class _PlainClassifier(ModelActor):
+    """The plain recipe's model stage: decoded HWC arrays in, one score per image out. It loads the
+    model as ngt-ray's actors do (same runtime levers), so only the input path differs."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = self._to_device(batch["image"])  # NHWC, as ngt-ray's own decode hands it over
+        with inference_context(self.device):
+            score = torch.sigmoid(self.model(x).float()).cpu().numpy()
+        return {"uri": batch["path"], "score": score, "flagged": score >= self.card.threshold}
+
+
+def _plain(bucket: str, out: Path, cfg: BenchmarkConfig, on_gpu: bool) -> dict[str, float]:
+    """(a), with the resources ngt-ray gives its model actors in (b), so only the input path differs."""
+    size = load_checkpoint(DEFAULT_INDIVIDUAL_MODEL)[1].input_size
+    placement = actor_placement(ray.cluster_resources(), "cuda" if on_gpu else "cpu",
+                                actors_per_gpu=cfg.actors_per_gpu)
+    ds = ray.data.read_images(bucket, size=(size, size), mode="RGB", include_paths=True)
+    ds = ds.map_batches(_PlainClassifier, fn_constructor_kwargs={
+        "model_path": str(DEFAULT_INDIVIDUAL_MODEL), "device": "cuda" if on_gpu else "cpu",
+        "threads": placement.threads, "runtime": cfg.runtime, "stub": cfg.stub_models},
+        batch_size=512 if on_gpu else 32, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=placement.max_actors),
+        batch_format="numpy", **placement.resources)
+    ds.write_parquet(str(out))
+    ops = operator_cpu_seconds(ds)
+    return {f"cpu_seconds_op_{stage}": ops[stage] for stage in OPERATOR_STAGES}
+
+
+class _GpuSampler:
+    """Samples GPU utilisation with nvidia-smi while a pipeline runs (none without nvidia-smi):
+    the share of time a kernel was running, measured outside the job."""
+
+    def __enter__(self) -> _GpuSampler:
+        self.samples: list[float] = []
+        exe = shutil.which("nvidia-smi")
+        self.proc = subprocess.Popen([exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                      "-lms", "200"], stdout=subprocess.PIPE, text=True) if exe else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate(timeout=10)
+            self.samples = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) / 100 if self.samples else None
+
+
+def _flags(folder: Path, uri_column: str = "uri") -> dict[str, bool]:
+    table = pq.read_table(folder, columns=[uri_column, "flagged"]).to_pylist()
+    return {Path(r[uri_column]).name: bool(r["flagged"]) for r in table}
+
+
+# per-image non-model CPU budgets (microseconds) that let a 16-core node feed 10,000 images/s
+BUDGET_US = {"with_decode": 1600.0, "without_decode": 200.0}
+
+
+def stage_cpu_us(run: dict[str, Any], n_images: int) -> dict[str, float]:
+    """CPU microseconds per image of each stage of an ngt-ray run, from Ray Data's per-operator
+    stats and the model actors' phases: read, decode, screen bookkeeping (the model stage less its
+    confirmation and output: batching, host-to-device, the rounds, the algorithm), confirm
+    pass-through (confirmation and output rows), write."""
+    per = 1e6 / max(n_images, 1)
+    confirm = run.get("cpu_seconds_confirm", 0.0) + run.get("cpu_seconds_output", 0.0)
+    model = run.get("cpu_seconds_op_model", 0.0)
+    return {
+        "read": run.get("cpu_seconds_op_read", 0.0) * per,
+        "decode": (run.get("cpu_seconds_op_decode", 0.0) + run.get("cpu_seconds_decode", 0.0)) * per,
+        "screen_bookkeeping": max(model - confirm - run.get("cpu_seconds_decode", 0.0), 0.0) * per,
+        "confirm_pass_through": confirm * per,
+        "write": run.get("cpu_seconds_op_write", 0.0) * per,
+    }
+
+
+def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
+    """Run (a), (b) and (c) on one bucket; write ``<output>/<device>.json`` and the markdown table."""
+    if not ray.is_initialized():
+        ray.init()
+    resources = ray.cluster_resources()
+    on_gpu = resources.get("GPU", 0) > 0 and cfg.device != "cpu"
+    device_name = torch.cuda.get_device_name(0).replace(" ", "-").lower() if on_gpu and torch.cuda.is_available() \
+        else f"cpu-{int(resources.get('CPU', 1))}-cores"
+    if cfg.stub_models:
+        device_name += "-stub-models"
+    workdir = cfg.workdir or Path(tempfile.mkdtemp(prefix="ngt-ray-benchmark-"))
+    positives: set[str] = set()
+    if cfg.input:
+        bucket = cfg.input
+    else:
+        root, positives = make_jpeg_bucket(cfg.photos, workdir / "bucket", cfg.n_images, cfg.prevalence,
+                                           cfg.width, cfg.height, cfg.seed, cfg.workers)
+        bucket = str(root)
+    n_images = sum(1 for _ in Path(bucket).glob("*.jpg")) if not bucket.startswith(("s3://", "gs://")) \
+        else cfg.n_images
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0) if on_gpu else 0
+    runs: dict[str, dict[str, Any]] = {}
+
+    def timed(name: str, fn) -> None:
+        start = time.perf_counter()
+        with _GpuSampler() as gpu:
+            stats = fn()
+        wall = time.perf_counter() - start
+        runs[name] = {"wall_seconds": wall, "images_per_s": n_images / wall,
+                      "cpu_core_seconds_per_million": wall * cpus / n_images * 1e6,
+                      "gpu_seconds_per_million": wall * gpus / n_images * 1e6, "gpu_utilisation": gpu.mean,
+                      **(stats or {})}
+        log.info("%s: %.1f images/s", name, n_images / wall)
+
+    common = {"ray_address": cfg.ray_address, "device": "cuda" if on_gpu else "cpu", "runtime": cfg.runtime,
+              "decode": cfg.decode, "measure_time": False, "seed": cfg.seed, "stub_models": cfg.stub_models,
+              "actors_per_gpu": cfg.actors_per_gpu}
+    timed("plain", lambda: _plain(bucket, workdir / "plain", cfg, on_gpu))
+    timed("individual", lambda: _compact(run_moderation(ModerationConfig(
+        input=bucket, output=str(workdir / "individual"), screen=False, **common))))
+    timed("ngt", lambda: _compact(run_moderation(ModerationConfig(
+        input=bucket, output=str(workdir / "ngt"),
+        # on a GPU, --group-size auto chooses k from seconds measured there (MACs mislead it)
+        **{**common, "measure_time": on_gpu}))))
+
+    if cfg.compare_decode:
+        timed("ngt_cpu_decode", lambda: _compact(run_moderation(ModerationConfig(
+            input=bucket, output=str(workdir / "ngt-cpu-decode"), **{**common, "measure_time": on_gpu,
+                                                                          "decode": "cpu"}))))
+    plain = _flags(workdir / "plain")
+    individual, ngt = (_flags(workdir / name / "flags") for name in ("individual", "ngt"))
+    agree = sum(plain[name] == individual.get(name) for name in plain)
+    stages = stage_cpu_us(runs["ngt"], n_images)
+    without_decode = sum(v for k, v in stages.items() if k != "decode")
+    result = {
+        "device": device_name, "n_images": n_images, "prevalence": cfg.prevalence,
+        "image_size": f"{cfg.width}x{cfg.height}" if not cfg.input else "as given",
+        "stub_models": cfg.stub_models,
+        "plain_images_per_s": runs["plain"]["images_per_s"],
+        "individual_images_per_s": runs["individual"]["images_per_s"],
+        "ngt_images_per_s": runs["ngt"]["images_per_s"],
+        "individual_over_plain": runs["individual"]["images_per_s"] / runs["plain"]["images_per_s"],
+        "ngt_over_plain": runs["ngt"]["images_per_s"] / runs["plain"]["images_per_s"],
+        "flags_agree_plain_individual": agree / max(len(plain), 1),
+        "flagged": {"plain": sum(plain.values()), "individual": sum(individual.values()), "ngt": sum(ngt.values())},
+        "planted_positives": len(positives),
+        "planted_found": {name: sum(flags.get(p, False) for p in positives)
+                          for name, flags in (("plain", plain), ("individual", individual), ("ngt", ngt))},
+        "planted_found_by_plain_missed_by_ngt": sorted(p for p in positives if plain.get(p) and not ngt.get(p)),
+        "cpu_us_per_image": {**stages, "total": sum(stages.values()), "total_without_decode": without_decode},
+        "cpu_us_budget": BUDGET_US,
+        "runs": runs, "cluster": {"cpus": cpus, "gpus": gpus},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+    }
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    (cfg.output / f"{device_name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(cfg.output, cfg.markdown)
+    print(_table(result))
+    return result
+
+
+_COMPACT = ("images", "errors", "flagged", "compute_saving", "time_saving", "decode", "runtime", "mean_group_size",
+            "group_tests", "retests", "stream_seconds", "device_seconds", "device_busy_share", "top_phases",
+            "batch_size", "max_actors")
+
+
+def _compact(stats: dict) -> dict:
+    return {k: v for k, v in stats.items()
+            if k in _COMPACT or k.startswith(("seconds_", "cpu_seconds_"))}
+
+
+def _table(r: dict[str, Any]) -> str:
+    rows = [f"### {r['device']}: {r['n_images']} JPEGs ({r['image_size']}), prevalence {r['prevalence']}", "",
+            "| pipeline | images/s | vs plain | core-s / M images | GPU-s / M images | GPU busy | flagged "
+            "| compute_saving | top phases |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, label in (("plain", "(a) plain Ray Data recipe"), ("individual", "(b) ngt-ray, no grouping"),
+                        ("ngt", "(c) ngt-ray, group testing"), ("ngt_cpu_decode", "(c) with --decode cpu")):
+        if name not in r["runs"]:
+            continue
+        run = r["runs"][name]
+        busy = "n/a" if run.get("gpu_utilisation") is None else f"{run['gpu_utilisation']:.0%}"
+        rows.append(f"| {label} | {run['images_per_s']:.1f} | {run['images_per_s'] / r['plain_images_per_s']:.2f}x | "
+                    f"{run['cpu_core_seconds_per_million']:.3g} | {run['gpu_seconds_per_million']:.3g} | {busy} | "
+                    f"{r['flagged'].get(name, run.get('flagged', ''))} | {run.get('compute_saving', 0.0):.3f} | "
+                    f"{run.get('top_phases', '')} |")
+    rows += ["", (f"Flags of (a) and (b) agree on {r['flags_agree_plain_individual']:.2%} of images; planted "
+             f"positives found: {r['planted_found']} of {r['planted_positives']}."), ""]
+    if r.get("note"):
+        rows += [f"Note: {r['note']}", ""]
+    if "cpu_us_per_image" in r:
+        us, budget = r["cpu_us_per_image"], r["cpu_us_budget"]
+        rows += [f"CPU microseconds per image in (c){' with stub models' if r.get('stub_models') else ''}:", "",
+                 "| read | decode | screen bookkeeping | confirm pass-through | write | total (budget) "
+                 "| without decode (budget) |", "|---|---|---|---|---|---|---|",
+                 f"| {us['read']:.0f} | {us['decode']:.0f} | {us['screen_bookkeeping']:.0f} | "
+                 f"{us['confirm_pass_through']:.0f} | {us['write']:.0f} | {us['total']:.0f} "
+                 f"({budget['with_decode']:.0f}) | {us['total_without_decode']:.0f} ({budget['without_decode']:.0f}) |",
+                 ""]
+    return "\n".join(rows)
+
+
+def write_markdown(folder: Path, markdown: Path) -> None:
+    """``docs/benchmarks.md``: one table per device JSON in ``folder``."""
+    parts = ["# Benchmarks", "", ("Written by `ngt-ray benchmark` (`jobs/benchmark.py`); one section per device, "
+             "each from one run over one bucket. Core-seconds and GPU-seconds are reserved resources "
+             "(wall time x the cluster's CPUs or GPUs); GPU busy is nvidia-smi's utilisation sampled every "
+             "200 ms during the run. `-stub-models` sections replace every model by a near-zero-compute stand-in, "
+             "so they show the cost of everything but the models."), ""]
+    for path in sorted(Path(folder).glob("*.json")):
+        parts.append(_table(json.loads(path.read_text())))
+    markdown.write_text("\n".join(parts))

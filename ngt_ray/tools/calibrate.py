@@ -1,0 +1,99 @@
+"""Per-size calibration of a screen model on validation groups.
+
+A group threshold does not carry over between group sizes (a max over 16 images looks more
+"positive" than a max over 4), nor between designs. For every size the screen will test, groups of
+held-out photos are scored and the highest threshold meeting the target recall of positive groups
+is kept, with the recall and the pass rate of negative groups measured there: the numbers the
+``--group-size auto`` cost model and the halving retests read from the model card.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ngt_ray.grouptesting.calibration import binary_metrics, calibrate_scores
+from ngt_ray.nets.checkpoint import ModelCard, load_checkpoint, write_card
+from ngt_ray.nets.model import GroupTestingModel
+from ngt_ray.nets.runtime import pick_device
+from ngt_ray.options import Common, Photos, option
+from ngt_ray.training.datasets import caltech_split
+from ngt_ray.training.embeddings import embed_images, sample_groups, score_cached_groups
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_SIZES", "calibrate_sizes"]
+
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FittingOptions(Common, Photos):
+    """What training and compression share: the splits they fit and calibrate on, and the target."""
+
+    max_negatives: int = option(1500, "negatives per split (a CPU-sized default)")
+    hard_negative_fraction: float = option(0.25, "share of negatives drawn from the individual model's hardest")
+    val_groups: int = option(600, "validation groups per calibrated size")
+    calibration_sizes: tuple[int, ...] = option(DEFAULT_SIZES, "group sizes to calibrate")
+    target_recall: float = option(0.99, "of positive groups (and positive images)")
+    batch_size: int = option(32, "images per embedding batch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrateConfig(Common, Photos):
+    """Re-calibration of a saved screen model's per-size thresholds on the validation photos."""
+
+    model: str = option(help="screen checkpoint stem; its card is rewritten")
+    sizes: tuple[int, ...] = option(DEFAULT_SIZES, "group sizes to calibrate")
+    target_recall: float = option(0.99, "of positive groups")
+    groups: int = option(600, "validation groups per size")
+
+
+def calibrate_sizes(model: GroupTestingModel, card: ModelCard, embedded: torch.Tensor, labels: np.ndarray,
+                    sizes: Sequence[int] = DEFAULT_SIZES, target_recall: float = 0.99, groups_per_size: int = 600,
+                    seed: int = 0, device: torch.device | str = "cpu", split: str = "caltech101 val") -> ModelCard:
+    """A copy of ``card`` with a threshold per size in ``sizes`` (size 1: every image once)."""
+    device = torch.device(device)
+    rng = np.random.default_rng(seed)
+    table, metrics = {}, {}
+    for k in sizes:
+        if k > int((labels == 0).sum()) + 1:
+            log.warning("skipping size %d: too few validation negatives", k)
+            continue
+        groups = ([[i] for i in range(len(labels))] if k == 1
+                  else sample_groups(labels, k, groups_per_size, rng))
+        scores = torch.sigmoid(score_cached_groups(model, embedded, groups, device)).numpy()
+        truth = np.array([labels[g].any() for g in groups])
+        row = table[k] = calibrate_scores(truth, scores, target_recall)
+        metrics[k] = binary_metrics(truth, scores, row.threshold)
+        log.info("size %d: threshold %.4f, recall %.3f, negative pass rate %.3f, AUC %.3f", k, row.threshold,
+                 row.recall, row.negative_pass_rate, row.auc)
+    validation = dict(card.validation)
+    validation["calibration"] = {"split": split, "target_recall": target_recall, "groups_per_size": groups_per_size,
+                                 "positive_group_fraction": 0.5}
+    if card.group_size in metrics:  # the headline numbers follow the new threshold at the trained size
+        validation.update(metrics[card.group_size], target_recall=target_recall, split=split,
+                          unit="image" if card.group_size == 1 else f"group of {card.group_size}")
+    return replace(card, calibration=table, validation=validation,
+                   threshold=table[card.group_size].threshold if card.group_size in table else card.threshold)
+
+
+def recalibrate(stem: str | Path, data: Path, sizes: Sequence[int] = DEFAULT_SIZES, target_recall: float = 0.99,
+                groups_per_size: int = 600, seed: int = 0, device: str = "auto", batch: int = 32) -> ModelCard:
+    """Re-calibrate a saved screen checkpoint on the whole ``val`` split and rewrite its card."""
+    model, card = load_checkpoint(stem)
+    if card.design == "individual":
+        raise ValueError(f"{stem} is an individual model; calibrate a screen (group) model")
+    dev = pick_device(device)
+    model = model.to(dev)
+    items = caltech_split(data, "val")
+    labels = np.array([label for _, label in items])
+    embedded = embed_images(model, items, card.input_size, batch, dev)
+    card = calibrate_sizes(model, card, embedded, labels, sizes, target_recall, groups_per_size, seed, dev)
+    write_card(card, stem)
+    return card
