@@ -221,3 +221,19 @@ def test_bad_objects_become_error_rows(planted, tmp_path):
     for name in bad:
         assert rows[name]["compute_macs"] is None and rows[name]["group_id"] is None
     assert stats["errors"] == len(bad)
+
+
+def test_the_same_objects_and_seed_give_the_same_groups_wherever_the_bucket_lives(planted, tmp_path):
+    def groups_and_decisions(where: Path) -> dict[str, tuple]:
+        where.mkdir()
+        for f in planted.root.iterdir():
+            (where / f.name).write_bytes(f.read_bytes())
+        flags, _ = _run(tmp_path / f"out-{where.name}", str(where), stub_models=True)
+        rows = [{**r, "name": r["uri"].rsplit("/", 1)[-1]} for r in flags.to_pylist()]
+        members: dict[int, set[str]] = {}
+        for r in rows:
+            members.setdefault(r["group_id"], set()).add(r["name"])
+        return {r["name"]: (frozenset(members[r["group_id"]]), r["decided_by"], r["group_score"]) for r in rows}
+
+    here = groups_and_decisions(tmp_path / "here")
+    assert here == groups_and_decisions(tmp_path / "there") and len(here) == planted.count

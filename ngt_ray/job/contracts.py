@@ -37,6 +37,7 @@ class ActorSpec:
     runtime: str
     decode_here: bool
     stub_models: bool = False
+    input_root: str = ""  # URL prefix of every input object: group seeds use keys relative to it
     ledger: Any = None  # the job's PhaseLedger actor, set when the job starts
 
 

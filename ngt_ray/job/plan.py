@@ -19,6 +19,7 @@ from typing import Any
 from ngt_ray.grouptesting.algorithms import ALGORITHMS, get_algorithm
 from ngt_ray.grouptesting.cost_table import StageCosts, plan_sizes
 from ngt_ray.job.contracts import ActorSpec
+from ngt_ray.job.storage import resolve
 from ngt_ray.nets.checkpoint import DEFAULT_INDIVIDUAL_MODEL, default_screen_model
 from ngt_ray.nets.model import DESIGNS
 from ngt_ray.nets.profiling import stage_macs
@@ -172,6 +173,12 @@ def _validate(cfg: ModerationConfig) -> None:
         raise ValueError(f"batch size must be >= 1, got {cfg.batch_size}")
 
 
+def _input_root(cfg: ModerationConfig) -> str:
+    """The URL every input object's uri starts with (see ``Location.uri``)."""
+    loc = resolve(cfg.input, cfg.s3_endpoint)
+    return loc.uri(loc.path).rstrip("/") + "/"
+
+
 def plan(cfg: ModerationConfig, cluster: Mapping[str, float]) -> JobPlan:
     """Decide the job for a cluster with ``cluster`` total resources (``{"CPU": 16, "GPU": 1}``)."""
     _validate(cfg)
@@ -201,6 +208,7 @@ def plan(cfg: ModerationConfig, cluster: Mapping[str, float]) -> JobPlan:
         algorithm=cfg.algorithm, group_size=k, seed=cfg.seed, min_size=cfg.min_size,
         prevalence_prior=cfg.prevalence_prior, macs=macs, seconds=None, device=device,
         threads=placement.threads, runtime=cfg.runtime, decode_here=decode_here, stub_models=cfg.stub_models,
+        input_root=_input_root(cfg),
     )
     info = {
         "group_size": 0 if auto else k,  # 0: chosen per batch ("auto"); mean_group_size says what was used

@@ -172,7 +172,8 @@ class Moderator(ModelActor):
 
         card, costs = self.screen_card, self.spec
         with self.clock.phase("bookkeeping"):
-            result = screen(self.spec.algorithm, ok.size, k, batch_rng(self.spec.seed, uris[ok[0]]), score,
+            first_key = str(uris[ok[0]]).removeprefix(self.spec.input_root)  # the same wherever the bucket lives
+            result = screen(self.spec.algorithm, ok.size, k, batch_rng(self.spec.seed, first_key), score,
                             card.threshold_for, self.spec.min_size)
             sizes = np.fromiter(map(len, result.groups), dtype=np.int64, count=len(result.groups))
             members = np.concatenate(result.groups)
