@@ -39,7 +39,6 @@ __all__ = ["DECODERS", "ModerationConfig", "actor_placement", "build", "run_mode
 # keeps Ray Data from fusing decode into the model actor, where it would run serially with
 # inference (fusion needs equal remote arguments).
 _DECODE_MEMORY = 512 * 2**20
-_DECODE_BATCH = 64
 
 
 def _measure_seconds(p: JobPlan) -> StageCosts:
@@ -73,11 +72,12 @@ def build(p: JobPlan) -> ray.data.Dataset:
     ds = read_source(resolve(cfg.input, cfg.s3_endpoint), cfg.input_format, image_column=cfg.image_column,
                      key_column=cfg.key_column)
     if p.decode_in_tasks:  # draft-mode JPEG decode on any node, CPU-only ones included; uint8 onwards
+        # One decode block is one model batch: the actor takes it as it is, with no concatenation.
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": p.decode_size, "ledger": p.actor.ledger},
-                            batch_size=_DECODE_BATCH, batch_format="numpy", num_cpus=1, memory=_DECODE_MEMORY,
+                            batch_size=p.batch_size, batch_format="numpy", num_cpus=1, memory=_DECODE_MEMORY,
                             scheduling_strategy="SPREAD")
     ds = ds.map_batches(
-        Moderator, fn_constructor_kwargs={"spec": p.actor}, batch_size=p.batch_size, batch_format="numpy",
+        Moderator, fn_constructor_kwargs={"spec": p.actor}, batch_size=p.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=p.placement.max_actors),
         **p.placement.resources,
     )

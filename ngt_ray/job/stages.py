@@ -11,6 +11,8 @@ whole block), and times its phases (``ngt_ray.job.phases``) into the job's ledge
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -109,19 +111,23 @@ class Moderator(ModelActor):
 
     # -- the batch -----------------------------------------------------------------------------
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, table: pa.Table) -> pa.Table:
+        """One Arrow batch in (``DECODED_COLUMNS``), its flags rows out. Columns are read lazily: the
+        pixels zero-copy, the encoded bytes only for the rows that need them (a full numpy batch
+        would copy every image's bytes into a Python object, ~25 us a row)."""
         self.clock.start_batch()
-        n = len(batch["uri"])
+        batch = _Batch(table)
+        n = len(batch.uri)
         pixels, errors = self._pixels(batch)
         ok = np.flatnonzero(np.array([not e for e in errors], dtype=bool))
         screened = Screened.empty(n, timed=self.spec.seconds is not None)
         if self.screen_model is None:
             screened.candidate[ok] = True
         elif ok.size:
-            self._screen(batch["uri"], pixels, ok, screened)
+            self._screen(batch.uri, pixels, ok, screened)
         flagged = self._confirm(batch, pixels, errors, screened)
         with self.clock.phase("output"):
-            table = _flags_table(batch["uri"], flagged, errors, screened)
+            table = _flags_table(batch.uri, flagged, errors, screened)
         record = self.clock.finish_batch(n)
         if self.device.type != "cuda":  # the CPU is the model's device: its busy time is the model phases'
             record["device_seconds"] = sum(record["wall"].get(p, 0.0) for p in DEVICE_PHASES)
@@ -129,16 +135,16 @@ class Moderator(ModelActor):
             self.spec.ledger.add.remote(record)
         return table
 
-    def _pixels(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray | torch.Tensor, list[str | None]]:
+    def _pixels(self, batch: _Batch) -> tuple[np.ndarray | torch.Tensor, list[str | None]]:
         """The batch's pixels at the first model's size and the per-image errors."""
-        if "pixels" in batch:  # decoded by the CPU decode tasks
-            return batch["pixels"], [e or None for e in batch["error"]]
+        read_errors = batch.errors()
+        if batch.has("pixels"):  # decoded by the CPU decode tasks
+            return batch.pixels(), read_errors
         size = (self.screen_card or self.card).input_size
         with self.clock.phase("decode"):  # bytes arrived undecoded: decode where the model runs
-            pixels, errors = decode_on_device(list(batch["bytes"]), size, self.device)
-        if "error" in batch:  # the reader could not fetch these: its reason, not "empty object"
-            errors = [read_error or err for read_error, err in zip(batch["error"], errors)]
-        return pixels, errors
+            pixels, errors = decode_on_device(batch.blobs(), size, self.device)
+        # the reader could not fetch some: its reason, not "empty object"
+        return pixels, [read_error or err for read_error, err in zip(read_errors, errors)]
 
     # -- the screen ----------------------------------------------------------------------------
 
@@ -196,7 +202,7 @@ class Moderator(ModelActor):
 
     # -- the confirmation ----------------------------------------------------------------------
 
-    def _confirm(self, batch: dict[str, np.ndarray], pixels: np.ndarray | torch.Tensor, errors: list[str | None],
+    def _confirm(self, batch: _Batch, pixels: np.ndarray | torch.Tensor, errors: list[str | None],
                  screened: Screened) -> np.ndarray:
         """Score the candidates with the individual model; returns ``flagged`` and updates
         ``screened`` (score, compute) and ``errors`` in place."""
@@ -208,10 +214,10 @@ class Moderator(ModelActor):
             if self.screen_model is None:  # no screen: the pixels are already at this model's size
                 candidates, decode_errors = (pixels if todo.size == len(pixels) else pixels[todo]), [None] * todo.size
             elif self.spec.decode_here:
-                candidates, decode_errors = decode_on_device([batch["bytes"][i] for i in todo], self.card.input_size,
+                candidates, decode_errors = decode_on_device(batch.blobs(todo), self.card.input_size,
                                                              self.device)
             else:
-                candidates, decode_errors = decode_many([batch["bytes"][i] for i in todo], self.card.input_size,
+                candidates, decode_errors = decode_many(batch.blobs(todo), self.card.input_size,
                                                         channels_last=True)
             with inference_context(self.device):
                 logits = self.model(self._to_device(candidates))
@@ -227,6 +233,33 @@ class Moderator(ModelActor):
         screened.candidate[:] = False
         screened.candidate[todo] = True  # "retested" from here on
         return flagged
+
+
+class _Batch:
+    """Columns of an Arrow batch, converted only when asked for."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.uri = np.array(table.column("uri").to_pylist(), dtype=object)
+
+    def has(self, name: str) -> bool:
+        return name in self.table.column_names
+
+    def errors(self) -> list[str | None]:
+        """Per row the reader's or decoder's error, None when fine ("" travels between stages)."""
+        if not self.has("error"):
+            return [None] * self.table.num_rows
+        return [e or None for e in self.table.column("error").to_pylist()]
+
+    def pixels(self) -> np.ndarray:
+        """The pixel column as one array: zero-copy from a single block."""
+        chunks = [chunk.to_numpy(zero_copy_only=False) for chunk in self.table.column("pixels").chunks]
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+    def blobs(self, rows: Sequence[int] | None = None) -> list[bytes | None]:
+        """The encoded bytes of ``rows`` (default: all)."""
+        column = self.table.column("bytes")
+        return column.to_pylist() if rows is None else [column[int(i)].as_py() for i in rows]
 
 
 def _flags_table(uris: np.ndarray, flagged: np.ndarray, errors: list[str | None], s: Screened) -> pa.Table:

@@ -30,12 +30,20 @@ def _decode_rgb(data: bytes | None, size: int) -> tuple[np.ndarray | None, str |
         with Image.open(io.BytesIO(data)) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (size, size))
-            rgb = img.convert("RGB")
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-            return np.asarray(rgb, dtype=np.uint8), None
+            rgb = np.array(img.convert("RGB"), dtype=np.uint8)
+        if rgb.shape[:2] != (size, size):
+            rgb = _resize_hwc(rgb, size)
+        return rgb, None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return None, f"decode failed: {type(exc).__name__}: {exc}"[:500]
+
+
+def _resize_hwc(rgb: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 to (size, size, 3): antialiased bilinear, as Pillow's resize, by torch's uint8
+    kernel, which takes ~half of Pillow's time (the resize was a third of a decode task's CPU)."""
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+    out = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).contiguous().numpy()
 
 
 def decode_image(data: bytes | None, size: int) -> tuple[np.ndarray | None, str | None]:
