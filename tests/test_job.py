@@ -160,7 +160,7 @@ def test_s3_bucket_in_and_out(planted, s3_server, tmp_path):
 
 def test_s3_wrong_credentials_fail_clearly(planted, s3_server, tmp_path, monkeypatch):
     from ngt_ray.job.sources import read_source
-    from ngt_ray.job.storage import resolve
+    from ngt_ray.storage import resolve
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(PermissionError):

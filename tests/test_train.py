@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from ngt_ray.nets.checkpoint import (
-    load_checkpoint,
-)
+from ngt_ray.nets.checkpoint import load_checkpoint
+from ngt_ray.tools.train import TrainConfig, train
 
 
 def test_training_writes_calibrated_loadable_checkpoints(caltech, tmp_path):
-    from ngt_ray.tools.train import TrainConfig, train
-
     cards = train(TrainConfig(data=caltech, output=tmp_path, design="tree", max_negatives=24, steps=2,
                               val_groups=16, epochs=20, screen_size=96, calibration_sizes=(1, 2, 8)))
     for kind, stem in (("individual", "revolver-lite0-individual"), ("group", "revolver-lite0-tree-k8")):
@@ -27,3 +25,30 @@ def test_training_writes_calibrated_loadable_checkpoints(caltech, tmp_path):
         assert out.shape == ((1,) if kind == "group" else (8,))
     assert cards["group"].input_size == 96 and cards["individual"].input_size == 224
     assert sorted(cards["group"].calibration) == [1, 2, 8] and cards["group"].merge_depths == [4, 6, 8]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_training_a_users_own_class_from_folders_gives_models_the_job_uses(caltech, planted, tmp_path):
+    from ngt_ray.job.pipeline import ModerationConfig, run_moderation
+    from ngt_ray.training.datasets import caltech_split
+
+    pos, neg = tmp_path / "data" / "handguns", tmp_path / "data" / "other"
+    for folder in (pos, neg):
+        folder.mkdir(parents=True)
+    items = caltech_split(caltech, "train")
+    for path in [p for p, y in items if y][:20]:
+        (pos / path.name).write_bytes(path.read_bytes())
+    for path in [p for p, y in items if not y][::60][:40]:
+        (neg / f"{path.parent.name}-{path.name}").write_bytes(path.read_bytes())
+    cards = train(TrainConfig(positives=(str(pos),), negatives=(str(neg),), positive_class="handgun",
+                              output=tmp_path / "models", design="tree", steps=2, epochs=20, val_groups=8,
+                              screen_size=96, calibration_sizes=(1, 2)))
+    assert {card.positive_class for card in cards.values()} == {"handgun"}
+    assert cards["group"].training["data"]["splits"]["val"]["positives"] == 4
+    stems = sorted(p.stem for p in (tmp_path / "models").glob("*.json"))
+    assert stems == ["handgun-lite0-individual", "handgun-lite0-tree-k8"]
+    stats = run_moderation(ModerationConfig(
+        input=str(planted.root), output=str(tmp_path / "out"), measure_time=False, group_size=2,
+        model=str(tmp_path / "models" / "handgun-lite0-tree-k8"),
+        individual_model=str(tmp_path / "models" / "handgun-lite0-individual")))
+    assert stats["images"] == planted.count and stats["model"] == "handgun-lite0-tree-k8"

@@ -19,13 +19,13 @@ from typing import Any
 from ngt_ray.grouptesting.algorithms import ALGORITHMS, get_algorithm
 from ngt_ray.grouptesting.cost_table import StageCosts, plan_sizes
 from ngt_ray.job.contracts import ActorSpec
-from ngt_ray.job.storage import resolve
 from ngt_ray.nets.checkpoint import DEFAULT_INDIVIDUAL_MODEL, default_screen_model
 from ngt_ray.nets.model import DESIGNS
 from ngt_ray.nets.profiling import stage_macs
 from ngt_ray.nets.runtime import RUNTIMES
 from ngt_ray.nets.stubs import load_model
 from ngt_ray.options import Common, option
+from ngt_ray.storage import resolve
 
 log = logging.getLogger(__name__)
 

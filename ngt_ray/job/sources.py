@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray.data
 
-from ngt_ray.job.storage import Location
+from ngt_ray.storage import Location
 
 __all__ = ["FORMATS", "IMAGE_SUFFIXES", "detect_format", "list_objects", "read_source"]
 

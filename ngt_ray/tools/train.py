@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from ngt_ray.nets.model import DESIGNS, GroupTestingModel
 from ngt_ray.nets.runtime import pick_device
 from ngt_ray.options import option
 from ngt_ray.tools.calibrate import FittingOptions, calibrate_sizes
-from ngt_ray.training.datasets import caltech_split
+from ngt_ray.training.datasets import LabelledImage, caltech_split
 from ngt_ray.training.embeddings import (
     embed_images,
     hard_negative_weights,
@@ -38,6 +40,7 @@ from ngt_ray.training.embeddings import (
     training_embeddings,
 )
 from ngt_ray.training.finetune import FinetuneConfig, finetune_groups
+from ngt_ray.training.labelled import LabelledSet
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,12 @@ class TrainConfig(FittingOptions):
     """One training run of the individual and group models."""
 
     output: Path = option(Path("ngt_ray/checkpoints"), "folder for the checkpoints")
+    positives: tuple[str, ...] = option((), "folders or URLs of images of the class (comma-separated; default: "
+                                            "Caltech-101's revolvers under --data)")
+    negatives: tuple[str, ...] = option((), "folders or URLs of images without it (comma-separated)")
+    manifest: str | None = option(None, "a CSV or Parquet of uri,label[,source] instead of --positives/--negatives")
+    positive_class: str = option("revolver", "name of the class: on the model card and in the checkpoint names")
+    s3_endpoint: str | None = option(None, "S3 endpoint URL for s3:// data (default: $AWS_ENDPOINT_URL or AWS)")
     backbone: str = option("efficientnet-lite0", "staged backbone (ngt_ray.nets.backbone)",
                            choices=lambda: list(BACKBONES))
     design: str = option("feature", "merge design of the group model", choices=lambda: list(DESIGNS))
@@ -95,16 +104,30 @@ def _scores(head: nn.Linear, features: torch.Tensor) -> np.ndarray:
         return torch.sigmoid(head(features.to(head.weight.device)).squeeze(1)).float().cpu().numpy()
 
 
-def _individual_card(cfg: TrainConfig, size: int, scores: np.ndarray, labels: np.ndarray) -> ModelCard:
+def _individual_card(cfg: TrainConfig, size: int, scores: np.ndarray, labels: np.ndarray,
+                     source: dict[str, Any]) -> ModelCard:
     threshold = threshold_for_recall(scores[labels == 1], cfg.target_recall)
     return ModelCard(
         backbone=cfg.backbone, design="individual", merge_at=cfg.depths[0] or 4, group_size=1, input_size=size,
         threshold=threshold, trained_modules=["head"],
-        validation={"split": "caltech101 val", "target_recall": cfg.target_recall, "unit": "image",
+        positive_class=cfg.positive_class,
+        validation={"split": "val", "target_recall": cfg.target_recall, "unit": "image",
                     **binary_metrics(labels, scores, threshold)},
-        training={"split": "caltech101 train", "max_negatives": cfg.max_negatives, "seed": cfg.seed,
+        training={"split": "train", "data": source, "max_negatives": cfg.max_negatives, "seed": cfg.seed,
                   "examples": len(labels), "epochs": cfg.epochs, "frozen": "backbone weights"},
     )
+
+
+def _labelled(cfg: TrainConfig) -> tuple[Callable[[str], list[LabelledImage]], dict[str, Any]]:
+    """The labelled splits to train on and their description for the cards."""
+    if cfg.manifest or cfg.positives or cfg.negatives:
+        labelled = (LabelledSet.from_manifest(cfg.manifest, cfg.s3_endpoint) if cfg.manifest
+                    else LabelledSet.from_folders(cfg.positives, cfg.negatives, cfg.s3_endpoint))
+        description = {"manifest": cfg.manifest} if cfg.manifest else {"positives": list(cfg.positives),
+                                                                       "negatives": list(cfg.negatives)}
+        return labelled.split, {**description, "splits": labelled.report()}
+    return (lambda split: caltech_split(cfg.photos, split)), {"caltech101": str(cfg.photos),
+                                                              "positive_class_folder": "revolver"}
 
 
 def train(cfg: TrainConfig) -> dict[str, ModelCard]:
@@ -116,7 +139,8 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     backbone = build_backbone(cfg.backbone)
     model = GroupTestingModel(backbone, cfg.depths, cfg.design).to(device).eval()
     native = backbone.spec.input_size
-    splits = {s: subsample_negatives(caltech_split(cfg.photos, s), cfg.max_negatives, rng) for s in ("train", "val")}
+    data, source = _labelled(cfg)
+    splits = {s: subsample_negatives(data(s), cfg.max_negatives, rng) for s in ("train", "val")}
     labels = {s: np.array([lab for _, lab in items]) for s, items in splits.items()}
     cards = {}
 
@@ -131,7 +155,7 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
                                             features=True)
     head = _fit_head(single["train"], labels["train"], cfg.epochs, cfg.seed)
     individual.head.load_state_dict(head.state_dict())
-    cards["individual"] = _individual_card(cfg, native, _scores(head, single["val"]), labels["val"])
+    cards["individual"] = _individual_card(cfg, native, _scores(head, single["val"]), labels["val"], source)
     if cfg.individual:
         save_checkpoint(individual, cards["individual"], cfg.output / model_stem(cards["individual"]),
                         [k for k in individual.state_dict() if k.startswith("head.")])
@@ -155,14 +179,15 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
         input_size=size, threshold=0.5, merge_depths=list(cfg.depths),
         trained_modules=["head", f"backbone.stages[{first}:]"],
         validation={"unit": f"group of {cfg.group_size}"},
-        training={"split": "caltech101 train", "max_negatives": cfg.max_negatives, "seed": cfg.seed,
+        positive_class=cfg.positive_class,
+        training={"split": "train", "data": source, "max_negatives": cfg.max_negatives, "seed": cfg.seed,
                   "steps": cfg.steps, "groups_per_step": cfg.groups_per_step, "positive_group_fraction": 0.5,
                   "hard_negative_fraction": cfg.hard_negative_fraction, "mirrored_positives": mirrored,
                   "final_loss": float(np.mean(losses[-100:])), "frozen": f"backbone.stages[:{first}]"},
     )
     embedded_val = embed_images(model, splits["val"], size, cfg.batch_size, device)
     cards["group"] = calibrate_sizes(model, card, embedded_val, labels["val"], cfg.calibration_sizes,
-                                     cfg.target_recall, cfg.val_groups, cfg.seed, device)
+                                     cfg.target_recall, cfg.val_groups, cfg.seed, device, split="val")
     save_checkpoint(model, cards["group"], cfg.output / model_stem(cards["group"]), model.shared_state_keys(first))
     log.info("group model: %s", cards["group"].validation)
     log.info("trained in %.0f s", time.perf_counter() - start)

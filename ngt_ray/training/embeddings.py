@@ -8,6 +8,7 @@ only the shared stages, which is what makes thousands of groups affordable on a 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from ngt_ray.nets.decode import decode_image
 from ngt_ray.nets.model import GroupTestingModel, gather
 from ngt_ray.nets.runtime import inference_context
 from ngt_ray.training.datasets import LabelledImage
+from ngt_ray.training.labelled import read_image_bytes
 
 __all__ = [
     "embed_images", "hard_negative_weights", "sample_groups", "score_cached_groups", "subsample_negatives",
@@ -30,7 +32,8 @@ def embed_images(model: GroupTestingModel, items: Sequence[LabelledImage], size:
     for i in range(0, len(items), batch):
         arrays = []
         for path, _ in items[i : i + batch]:
-            arr, err = decode_image(path.read_bytes(), size)
+            data = path.read_bytes() if isinstance(path, Path) else read_image_bytes(path)
+            arr, err = decode_image(data, size)
             if arr is None:
                 raise ValueError(f"image {path} failed to decode: {err}")
             arrays.append(arr[:, :, ::-1] if flip else arr)
