@@ -94,19 +94,16 @@ def _split(item: Callable[[str], Any]) -> Callable[[str], tuple]:
     return parse
 
 
-def add_options(parser: argparse.ArgumentParser, config: type, *, skip: Iterable[str] = (),
-                defaults: dict[str, Any] | None = None) -> None:
+def add_options(parser: argparse.ArgumentParser, config: type, *, skip: Iterable[str] = ()) -> None:
     """Add one option per field of ``config`` (a dataclass) to ``parser``."""
     hints = typing.get_type_hints(config)
-    skip, defaults = set(skip), defaults or {}
+    skip = set(skip)
     for f in dataclasses.fields(config):
         meta = f.metadata
-        if f.name in skip or not meta.get("cli", True) or f.name in parser._defaults:
+        if f.name in skip or not meta.get("cli", True):
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name in defaults:
-            default = defaults[f.name]
-        elif f.default is not _MISSING:
+        if f.default is not _MISSING:
             default = f.default
         elif f.default_factory is not _MISSING:
             default = f.default_factory()

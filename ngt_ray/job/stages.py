@@ -22,6 +22,7 @@ from ngt_ray.grouptesting.grouping import batch_rng, group_ids, key_hashes
 from ngt_ray.grouptesting.planning import PrevalenceEstimate, ScreenQuality, choose_group_size
 from ngt_ray.job.contracts import FLAGS_SCHEMA, ActorSpec, Screened
 from ngt_ray.job.phases import DEVICE_PHASES, PhaseClock, round_phase
+from ngt_ray.nets.checkpoint import ModelCard
 from ngt_ray.nets.decode import decode_many, decode_on_device
 from ngt_ray.nets.runtime import accelerate, inference_context, pick_device
 from ngt_ray.nets.stubs import load_model
@@ -58,13 +59,12 @@ class ModelActor:
         self.device = pick_device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.model, self.card, self.levers = self._load(model_path, runtime, stub)
+        self.model, self.card = self._load(model_path, runtime, stub)
         self._staging: torch.Tensor | None = None
 
-    def _load(self, path: str, runtime: str, stub: bool):
+    def _load(self, path: str, runtime: str, stub: bool) -> tuple[torch.nn.Module, ModelCard]:
         model, card = load_model(path, stub=stub, map_location=self.device)
-        model, levers = accelerate(model, self.device, card.input_size, runtime)
-        return model, card, levers
+        return accelerate(model, self.device, card.input_size, runtime)[0], card
 
     def _to_device(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 pixels as an NCHW tensor on the model's device, channels-last in memory.
@@ -104,7 +104,7 @@ class Moderator(ModelActor):
         self.clock = PhaseClock(cuda=self.device.type == "cuda")
         self.screen_model = self.screen_card = self.quality = None
         if spec.screen_model is not None:
-            self.screen_model, self.screen_card, _ = self._load(spec.screen_model, spec.runtime, spec.stub_models)
+            self.screen_model, self.screen_card = self._load(spec.screen_model, spec.runtime, spec.stub_models)
             calibration = self.screen_card.calibration
             self.quality = ScreenQuality.from_card(calibration) if calibration else None
         self.prevalence = PrevalenceEstimate(prior=spec.prevalence_prior)
@@ -230,8 +230,6 @@ class Moderator(ModelActor):
             if err is not None:  # after a screen, a changed or vanished object
                 errors[i] = f"retest {err}" if screened.group_id[i] >= 0 else err
                 flagged[i] = False
-        screened.candidate[:] = False
-        screened.candidate[todo] = True  # "retested" from here on
         return flagged
 
 
