@@ -16,8 +16,8 @@ __all__ = ["batch_rng", "form_groups", "group_ids", "key_hashes", "nearest_size"
 
 def batch_rng(seed: int, first_key: str) -> np.random.Generator:
     """A generator seeded by the job seed and the batch's first key (relative to the input's root):
-    the same objects give the same groups on every run, whichever actor the batch lands on and
-    wherever the bucket lives."""
+    at a fixed k the same objects give the same groups on every run, whichever actor the batch
+    lands on and wherever the bucket lives."""
     return np.random.default_rng([seed, zlib.crc32(first_key.encode())])
 
 

@@ -70,7 +70,8 @@ class ModerationConfig(OnCluster):
     algorithm: str = option("halving", "group-testing algorithm (ngt_ray.grouptesting.algorithms)",
                             choices=lambda: list(ALGORITHMS))
     group_size: int | str | None = option("auto", "k images per group test, or auto: chosen per batch from the "
-                                                  "measured costs (None: the size the model was trained for)",
+                                                  "measured costs and prevalence (so groups may differ between "
+                                                  "runs; fix k to reproduce them); None: the trained size",
                                           parse=_group_size)
     min_size: int = option(1, "halving stops at groups this small and confirms their members")
     prevalence_prior: float = option(0.01, "starting prevalence of the running estimate behind --group-size auto")
