@@ -26,7 +26,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 # A test that uses any of these is end to end (Ray, real photos, a real S3 server); the rest are
 # unit tests: no Ray, no photos, seconds.
-_E2E_FIXTURES = {"ray_local", "caltech", "planted", "s3_server"}
+_E2E_FIXTURES = {"ray_local", "caltech", "planted", "s3_server", "real_scenes"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_collection_finish(session):
     """Without the real photos, stop with one clear message rather than a failure per test (and
     never a skip: a green run must mean the tests that need photos ran)."""
-    needs_photos = [item for item in session.items if {"caltech", "planted"} & set(item.fixturenames)]
+    needs_photos = [item for item in session.items if {"caltech", "planted", "real_scenes"} & set(item.fixturenames)]
     root = shared_data_root() / "caltech101"
     if needs_photos and not (root / "train").is_dir():
         pytest.exit(f"{len(needs_photos)} selected tests need the real photos, which are not at {root}: "
@@ -60,6 +60,16 @@ def caltech() -> Path:
     if not (root / "train").is_dir():
         # fail, never skip: a green run must mean the tests that need real photos ran
         pytest.fail(f"real photos not found at {root}; see ../shared/data/README.md (or set NGT_RAY_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_scenes(caltech) -> Path:
+    """The licensed firearm and everyday-scene photos beside Caltech-101 (fail, never skip)."""
+    root = caltech.parent
+    for name in ("firearms", "scenes"):
+        if not (root / name / "images").is_dir():
+            pytest.fail(f"real photos not found at {root / name}; see ../shared/data/README.md")
     return root
 
 

@@ -11,7 +11,7 @@ from ngt_ray.tools.train import TrainConfig, train
 
 def test_training_writes_calibrated_loadable_checkpoints(caltech, tmp_path):
     cards = train(TrainConfig(data=caltech, output=tmp_path, design="tree", max_negatives=24, steps=2,
-                              val_groups=16, epochs=20, screen_size=96, calibration_sizes=(1, 2, 8)))
+                              val_groups=16, epochs=20, screen_size=96, calibration_sizes=(1, 2, 8), paste=12))
     for kind, stem in (("individual", "revolver-lite0-individual"), ("group", "revolver-lite0-tree-k8")):
         model, card = load_checkpoint(tmp_path / stem)
         assert card == cards[kind]
@@ -25,6 +25,11 @@ def test_training_writes_calibrated_loadable_checkpoints(caltech, tmp_path):
         assert out.shape == ((1,) if kind == "group" else (8,))
     assert cards["group"].input_size == 96 and cards["individual"].input_size == 224
     assert sorted(cards["group"].calibration) == [1, 2, 8] and cards["group"].merge_depths == [4, 6, 8]
+    # copy-paste positives: revolver product shots pasted into the split's own scenes, 12 on train, 4 on val
+    made = cards["group"].training["data"]["composites"]
+    assert made["train"]["composites"] == 12 and made["val"]["composites"] == 4 and made["train"]["cut_outs"] > 0
+    assert cards["individual"].validation["composites"]["composites"] == 4
+    assert 0 <= cards["individual"].validation["composites"]["auroc"] <= 1
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -42,7 +47,7 @@ def test_training_a_users_own_class_from_folders_gives_models_the_job_uses(calte
         (neg / f"{path.parent.name}-{path.name}").write_bytes(path.read_bytes())
     cards = train(TrainConfig(positives=(str(pos),), negatives=(str(neg),), positive_class="handgun",
                               output=tmp_path / "models", design="tree", steps=2, epochs=20, val_groups=8,
-                              screen_size=96, calibration_sizes=(1, 2)))
+                              screen_size=96, calibration_sizes=(1, 2), paste=0))
     assert {card.positive_class for card in cards.values()} == {"handgun"}
     assert cards["group"].training["data"]["splits"]["val"]["positives"] == 4
     stems = sorted(p.stem for p in (tmp_path / "models").glob("*.json"))

@@ -24,13 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ngt_ray.grouptesting.calibration import binary_metrics, threshold_for_recall
+from ngt_ray.grouptesting.calibration import auc_of, binary_metrics, threshold_for_recall
 from ngt_ray.nets.backbone import BACKBONES, build_backbone
 from ngt_ray.nets.checkpoint import ModelCard, model_stem, save_checkpoint
 from ngt_ray.nets.model import DESIGNS, GroupTestingModel
 from ngt_ray.nets.runtime import pick_device
 from ngt_ray.options import option
 from ngt_ray.tools.calibrate import FittingOptions, calibrate_sizes
+from ngt_ray.training.copypaste import pasted_positives
 from ngt_ray.training.datasets import LabelledImage, caltech_split
 from ngt_ray.training.embeddings import (
     embed_images,
@@ -72,6 +73,8 @@ class TrainConfig(FittingOptions):
     groups_per_step: int = option(16, "groups per fine-tuning step")
     epochs: int = option(400, "epochs of the individual model's head")
     individual: bool = option(True, "also write the individual model (its scores mine hard negatives either way)")
+    paste: int = option(600, "copy-paste positives added to train: cut-outs of its product-shot positives pasted "
+                             "into its scenes (ngt_ray.training.copypaste); a third as many on val, reported only")
 
     @property
     def depths(self) -> tuple[int, ...]:
@@ -118,6 +121,12 @@ def _individual_card(cfg: TrainConfig, size: int, scores: np.ndarray, labels: np
     )
 
 
+def _composite_metrics(composite: np.ndarray, negatives: np.ndarray, threshold: float) -> dict[str, float]:
+    """How pasted positives fare against the real negatives: AUROC, and recall at the threshold."""
+    return {"composites": len(composite), "auroc": auc_of(composite, negatives),
+            "recall": float((composite >= threshold).mean())}
+
+
 def _labelled(cfg: TrainConfig) -> tuple[Callable[[str], list[LabelledImage]], dict[str, Any]]:
     """The labelled splits to train on and their description for the cards."""
     if cfg.manifest or cfg.positives or cfg.negatives:
@@ -141,6 +150,12 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     native = backbone.spec.input_size
     data, source = _labelled(cfg)
     splits = {s: subsample_negatives(data(s), cfg.max_negatives, rng) for s in ("train", "val")}
+    # Composites: train learns from them; val's only say how small guns in scenes fare, since
+    # thresholds are set on real photos.
+    pasted, source["composites"] = {}, {}
+    for split, n in (("train", cfg.paste), ("val", cfg.paste // 3)):
+        pasted[split], source["composites"][split] = pasted_positives(splits[split], n, rng) if n else ([], {})
+    splits["train"] = splits["train"] + pasted["train"]
     labels = {s: np.array([lab for _, lab in items]) for s, items in splits.items()}
     cards = {}
 
@@ -156,6 +171,12 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     head = _fit_head(single["train"], labels["train"], cfg.epochs, cfg.seed)
     individual.head.load_state_dict(head.state_dict())
     cards["individual"] = _individual_card(cfg, native, _scores(head, single["val"]), labels["val"], source)
+    if pasted["val"]:
+        embedded = embed_images(individual, pasted["val"], native, cfg.batch_size, device)
+        composite = _scores(head, score_cached_groups(individual, embedded, [[i] for i in range(len(embedded))],
+                                                      device, features=True))
+        cards["individual"].validation["composites"] = _composite_metrics(
+            composite, _scores(head, single["val"])[labels["val"] == 0], cards["individual"].threshold)
     if cfg.individual:
         save_checkpoint(individual, cards["individual"], cfg.output / model_stem(cards["individual"]),
                         [k for k in individual.state_dict() if k.startswith("head.")])

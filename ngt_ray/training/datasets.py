@@ -16,7 +16,7 @@ __all__ = ["POSITIVE_CLASS", "LabelledImage", "caltech_split"]
 POSITIVE_CLASS = "revolver"
 _FRACTIONS = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
 
-LabelledImage = tuple[Path | str, int]  # a local path, or any fsspec URL
+LabelledImage = tuple[Path | str | bytes, int]  # a local path, any fsspec URL, or an encoded image (made here)
 
 
 def _order(path: Path) -> str:

@@ -32,7 +32,8 @@ def embed_images(model: GroupTestingModel, items: Sequence[LabelledImage], size:
     for i in range(0, len(items), batch):
         arrays = []
         for path, _ in items[i : i + batch]:
-            data = path.read_bytes() if isinstance(path, Path) else read_image_bytes(path)
+            data = path if isinstance(path, bytes) else path.read_bytes() if isinstance(path, Path) \
+                else read_image_bytes(path)
             arr, err = decode_image(data, size)
             if arr is None:
                 raise ValueError(f"image {path} failed to decode: {err}")
