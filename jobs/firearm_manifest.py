@@ -3,7 +3,9 @@
 Positives: the licensed firearm photos (rifles, pistols, people holding them) and Caltech-101's
 revolvers. Negatives: the licensed everyday scenes (people, streets, kitchens, phones, knives),
 Caltech-101's background and face photos whole, and 12 photos of every other Caltech class, so the
-trainer's negative cap keeps every real-scene negative. Attribution of the photos stays with them in
+trainer's negative cap keeps every real-scene negative. Caltech photos keep their Caltech split (the
+``split`` column), so the Caltech demo's test photos are never trained on; the others split by hash.
+Attribution of the photos stays with them in
 ``../shared/data/*/ATTRIBUTION.md``; the manifest holds only their paths.
 
     python jobs/firearm_manifest.py firearm.csv
@@ -17,22 +19,25 @@ import sys
 from pathlib import Path
 
 from ngt_ray.options import shared_data_root
+from ngt_ray.training.datasets import caltech_split
 
 _WHOLE = ("BACKGROUND_Google", "Faces", "Faces_easy")
 _PER_CLASS = 12
 
 
-def rows(root: Path) -> list[tuple[str, int, str]]:
-    out = [(str(p), 1, "firearms") for p in sorted((root / "firearms" / "images").iterdir())]
+def rows(root: Path) -> list[tuple[str, int, str, str]]:
+    caltech = {str(p): split for split in ("train", "val", "test")
+               for p, _ in caltech_split(root / "caltech101", split)}
+    out = [(str(p), 1, "firearms", "") for p in sorted((root / "firearms" / "images").iterdir())]
     revolvers = sorted((root / "caltech101" / "train" / "revolver").glob("*.jpg"))
-    out += [(str(p), 1, "caltech101/revolver") for p in revolvers]
-    out += [(str(p), 0, "scenes") for p in sorted((root / "scenes" / "images").iterdir())]
+    out += [(str(p), 1, "caltech101/revolver", caltech[str(p)]) for p in revolvers]
+    out += [(str(p), 0, "scenes", "") for p in sorted((root / "scenes" / "images").iterdir())]
     for folder in sorted((root / "caltech101" / "train").iterdir()):
         if folder.name == "revolver" or not folder.is_dir():
             continue
         photos = sorted(folder.glob("*.jpg"))
         keep = photos if folder.name in _WHOLE else photos[:: max(1, len(photos) // _PER_CLASS)][:_PER_CLASS]
-        out += [(str(p), 0, f"caltech101/{folder.name}") for p in keep]
+        out += [(str(p), 0, f"caltech101/{folder.name}", caltech[str(p)]) for p in keep]
     return out
 
 
@@ -41,7 +46,7 @@ def main() -> None:
     table = rows(shared_data_root())
     with dest.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["uri", "label", "source"])
+        writer.writerow(["uri", "label", "source", "split"])
         writer.writerows(table)
     print(f"{dest}: {sum(r[1] for r in table)} positives, {sum(1 - r[1] for r in table)} negatives")
 

@@ -66,3 +66,20 @@ def test_bad_labelled_sets_are_refused_clearly(folders, tmp_path):
     (tmp_path / "bad2.csv").write_text("uri,label\nx.jpg,2\ny.jpg,0\n")
     with pytest.raises(ValueError, match="labels must be 0 or 1"):
         LabelledSet.from_manifest(str(tmp_path / "bad2.csv"))
+
+
+def test_a_manifest_split_column_keeps_named_splits_and_hashes_the_rest(folders, tmp_path):
+    pos, neg = folders
+    uris = [str(p) for p in sorted(pos.iterdir())] + [str(p) for p in sorted((neg / "street").iterdir())]
+    labels = [1] * 20 + [0] * 30
+    named = ["test"] * 5 + [""] * 15 + ["train"] * 10 + [""] * 20
+    (tmp_path / "m.csv").write_text("uri,label,split\n" + "".join(
+        f"{u},{y},{s}\n" for u, y, s in zip(uris, labels, named)))
+    labelled = LabelledSet.from_manifest(str(tmp_path / "m.csv"))
+    splits = {name: {u for u, _ in labelled.split(name)} for name in ("train", "val", "test")}
+    assert set(uris[:5]) <= splits["test"] and set(uris[20:30]) <= splits["train"]
+    assert sorted(u for s in splits.values() for u in s) == sorted(uris)  # each once
+    assert len(splits["test"] & set(uris[5:20])) == 3  # the unnamed 15 positives split 60/20/20
+    (tmp_path / "bad.csv").write_text(f"uri,label,split\n{uris[0]},1,holdout\n{uris[25]},0,\n")
+    with pytest.raises(ValueError, match="split must be one of"):
+        LabelledSet.from_manifest(str(tmp_path / "bad.csv"))

@@ -4,7 +4,10 @@
 several of each) or ``--manifest`` (CSV or Parquet with ``uri,label`` columns). Each image is
 assigned to train / val / test (60 / 20 / 20) by a hash of its file name within its label, as the
 Caltech split is, so a split never changes when images are added elsewhere and needs no stored
-list. The sources are kept per image, so a report can say where every split's images come from.
+list. A manifest may instead name each image's split in a ``split`` column (a split the user
+already keeps, or one shared with another set: the firearm manifest keeps Caltech-101's photos in
+their Caltech split, so the Caltech demo's test photos stay unseen). The sources are kept per
+image, so a report can say where every split's images come from.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class LabelledSet:
     uris: tuple[str, ...]
     labels: tuple[int, ...]
     sources: tuple[str, ...]
+    assigned: tuple[str, ...] | None = None  # per image: its split from the manifest, or "" for the hash
 
     @classmethod
     def from_folders(cls, positives: Iterable[str], negatives: Iterable[str],
@@ -70,7 +74,13 @@ class LabelledSet:
         if set(labels) - {0, 1}:
             raise ValueError(f"manifest {url}: labels must be 0 or 1, got {sorted(set(labels))}")
         sources = (table.column("source").to_pylist() if "source" in table.column_names else [url] * len(uris))
-        return cls(tuple(uris), tuple(labels), tuple(map(str, sources)))._checked()
+        assigned = None
+        if "split" in table.column_names:
+            assigned = tuple("" if v is None else str(v) for v in table.column("split").to_pylist())
+            if set(assigned) - {"", *_FRACTIONS}:
+                raise ValueError(f"manifest {url}: split must be one of {sorted(_FRACTIONS)} or empty, "
+                                 f"got {sorted(set(assigned) - {'', *_FRACTIONS})}")
+        return cls(tuple(uris), tuple(labels), tuple(map(str, sources)), assigned)._checked()
 
     def _checked(self) -> LabelledSet:
         counts = Counter(self.labels)
@@ -88,10 +98,14 @@ class LabelledSet:
         lo, hi = _FRACTIONS[name]
         out: list[int] = []
         for label in (1, 0):
-            members = sorted((i for i, y in enumerate(self.labels) if y == label), key=self._order)
+            members = sorted((i for i, y in enumerate(self.labels) if y == label and not self._named(i)),
+                             key=self._order)
             a, b = round(lo * len(members)), round(hi * len(members))
-            out += members[a:b]
+            out += members[a:b] + [i for i, y in enumerate(self.labels) if y == label and self._named(i) == name]
         return out
+
+    def _named(self, i: int) -> str:
+        return self.assigned[i] if self.assigned else ""
 
     def _order(self, i: int) -> str:
         return hashlib.sha1(PurePosixPath(self.uris[i].split("#")[0]).name.encode()).hexdigest()
