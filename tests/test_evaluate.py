@@ -42,3 +42,16 @@ def test_evaluate_writes_table_and_plots(caltech, tmp_path):
         assert by[("overlap", k)]["group_tests"] == 2 * by[("dorfman", k)]["group_tests"]
     assert (tmp_path / "evaluation.png").stat().st_size > 10_000
     assert "| dorfman |" in (tmp_path / "results.md").read_text()
+
+
+def test_evaluate_draws_buckets_from_a_manifest_with_composites(real_scenes, tmp_path):
+    photos = sorted((real_scenes / "firearms" / "images").iterdir())[:25]
+    scenes = sorted((real_scenes / "scenes" / "images").iterdir())[:40]
+    rows = [(p, 1, "test") for p in photos] + [(p, 0, "test") for p in scenes]
+    (tmp_path / "m.csv").write_text("uri,label,split\n" + "".join(f"{p},{y},{s}\n" for p, y, s in rows))
+    table = evaluate(EvaluationConfig(manifest=str(tmp_path / "m.csv"), paste=5, models=[str(default_screen_model())],
+                                      output=tmp_path / "out", sizes=(2,), prevalences=(0.05,), trials=2,
+                                      algorithms=("halving",), timing=False))
+    (row,) = table.to_pylist()
+    assert row["images"] == 40 + 2 and row["positives"] == 2  # all 40 scenes, 2 planted at 5 %
+    assert "plus 5 copy-paste positives" in (tmp_path / "out" / "results.md").read_text()

@@ -1,9 +1,11 @@
 """``ngt-ray evaluate``: designs x algorithms x group size x prevalence on held-out photos.
 
-Every cell simulates a bucket from Caltech-101's ``test`` split (never trained or calibrated on):
-all negatives, positives planted at the prevalence (fewer negatives where positives run out), random
-groups. The real screen model scores every group test (on cached embeddings: the same numbers the
-job's actors compute) and the real individual model confirms the candidates. Reported per cell,
+Every cell simulates a bucket from a held-out split, never trained or calibrated on (Caltech-101's
+``test`` split, or that of a labelled manifest such as the firearm set's, optionally with
+copy-paste composites: small firearms in real scenes): all negatives, positives planted at the
+prevalence (fewer negatives where positives run out), random groups. The real screen model
+scores every group test (on cached embeddings: the same numbers the job's actors compute) and the
+real individual model confirms the candidates. Reported per cell,
 averaged over trials: recall of planted positives and of those the individual model alone catches,
 precision, false-positive rate, first-round group AUC, tests per image, and cost relative to the
 individual model on every image, in MACs (flop_counter) and in measured seconds.
@@ -37,8 +39,10 @@ from ngt_ray.nets.checkpoint import (
 from ngt_ray.nets.profiling import stage_macs, stage_seconds
 from ngt_ray.nets.runtime import pick_device
 from ngt_ray.options import Common, Photos, option
-from ngt_ray.training.datasets import caltech_split
+from ngt_ray.training.copypaste import pasted_positives
+from ngt_ray.training.datasets import LabelledImage, caltech_split
 from ngt_ray.training.embeddings import embed_images, score_cached_groups
+from ngt_ray.training.labelled import LabelledSet
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,12 @@ class EvaluationConfig(Common, Photos):
     models: Sequence[str] | None = option(None, "screen checkpoint stems (default: every packaged one)", nargs="+")
     individual_model: str = option(str(DEFAULT_INDIVIDUAL_MODEL), "confirmation checkpoint stem")
     output: Path = option(Path("docs/evaluation"), "folder for Parquet, markdown and PNG plots")
-    split: str = option("test", "Caltech split the buckets are made of", choices=("train", "val", "test"))
+    split: str = option("test", "split the buckets are made of", choices=("train", "val", "test"))
+    manifest: str | None = option(None, "a labelled manifest (uri,label[,source,split]) to draw the split from "
+                                        "(default: Caltech-101 under --data)")
+    paste: int = option(0, "copy-paste positives added to the split from its own cut-outs and scenes (small "
+                           "objects in real scenes; ngt_ray.training.copypaste)")
+    s3_endpoint: str | None = option(None, "S3 endpoint URL for s3:// data (default: $AWS_ENDPOINT_URL or AWS)")
     sizes: Sequence[int] = option((2, 4, 8, 16, 32), "group sizes")
     prevalences: Sequence[float] = option((0.001, 0.005, 0.01, 0.05), "prevalences")
     algorithms: Sequence[str] = option(tuple(ALGORITHMS), "group-testing algorithms (default: every registered one)")
@@ -74,6 +83,18 @@ def entropy_bound(p: float) -> float:
 def dorfman_reference(p: float) -> float:
     """Two-round Dorfman with perfect tests at its best k: about 2 sqrt(p) tests per item."""
     return min(1 / k + 1 - (1 - p) ** k for k in range(1, 1001))
+
+
+def _items(cfg: EvaluationConfig) -> list[LabelledImage]:
+    """The split's labelled photos, and the composites made from them when asked."""
+    items = (LabelledSet.from_manifest(cfg.manifest, cfg.s3_endpoint).split(cfg.split) if cfg.manifest
+             else caltech_split(cfg.photos, cfg.split))
+    if cfg.paste:
+        made, used = pasted_positives(items, cfg.paste, np.random.default_rng([cfg.seed, 7]))
+        log.info("%s split: %d composites from %d cut-outs and %d scenes", cfg.split, len(made), used["cut_outs"],
+                 used["scenes"])
+        items = items + made
+    return items
 
 
 def _bucket(labels: np.ndarray, p: float, population: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -127,8 +148,7 @@ def _cell(algorithm: str, k: int, bucket: np.ndarray, labels: np.ndarray, indivi
 def evaluate(cfg: EvaluationConfig) -> pa.Table:
     """Run every cell, write the Parquet table, markdown and plots, and return the table."""
     device = pick_device(cfg.device)
-    data = cfg.photos
-    items = caltech_split(data, cfg.split)
+    items = _items(cfg)
     labels = np.array([label for _, label in items])
     # The buckets first, so only photos some bucket uses are embedded (all of them at full size).
     buckets = {(p, t): _bucket(labels, p, cfg.population, np.random.default_rng([cfg.seed, t, round(p * 1e6)]))
@@ -204,7 +224,9 @@ def _markdown(table: pa.Table, cfg: EvaluationConfig, best_only: bool = False) -
         for r in rows
     )
     title = "cheapest k per model, algorithm and prevalence" if best_only else "every cell"
-    return (f"# ngt-ray evaluate: {title}\n\nCaltech-101 `{cfg.split}` split, {cfg.trials} trials per cell; "
+    data = f"`{cfg.manifest}`" if cfg.manifest else "Caltech-101"
+    pasted = f" plus {cfg.paste} copy-paste positives" if cfg.paste else ""
+    return (f"# ngt-ray evaluate: {title}\n\n{data} `{cfg.split}` split{pasted}, {cfg.trials} trials per cell; "
             f"relative = cost / (individual model on every image).\n\n{head}{body}")
 
 
