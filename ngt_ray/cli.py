@@ -30,11 +30,13 @@ _DEMO_SKIPS = ("input", "output", "input_format", "image_column", "key_column", 
 
 def _print_summary(stats: dict, output: str) -> None:
     timing = f", time saving {stats['time_saving']:.1%}" if stats["time_saving"] == stats["time_saving"] else ""
+    screened_some = stats["design"] != "none"
+    unscreened = f" ({stats['unscreened']} confirmed unscreened)" if stats["unscreened"] and screened_some else ""
     print(
         f"\n{stats['images']} images, {stats['errors']} errors, {stats['flagged']} flagged; "
         f"{stats['algorithm']}, {stats['design']} merge: {stats['group_tests']} group tests "
         f"(first round {stats['first_round_groups']} of {stats['mean_group_size']:.1f}) + {stats['retests']} "
-        f"confirmations; compute saving {stats['compute_saving']:.1%}{timing}; "
+        f"confirmations{unscreened}; compute saving {stats['compute_saving']:.1%}{timing}; "
         f"{stats['images_per_second']:.1f} images/s\n"
         f"time: {stats['top_phases'] or 'no phases recorded'} of the actors' time; model phases held the "
         f"{stats['device']} {stats['device_busy_share']:.0%} of the stream's {stats['stream_seconds']:.1f} s "

@@ -90,6 +90,18 @@ def test_auto_group_size_follows_dorfman_theory_for_a_perfect_test():
                                                                                       _quality(0.0))
 
 
+def test_auto_does_not_screen_where_screening_would_cost_more_than_confirming_everything():
+    # a screen at a quarter of the confirmation's cost per image, shared stages free
+    costs = StageCosts(embed=0.25, group={s: 0.0 for s in (1, 2, 4, 8)}, confirm=1.0)
+    sizes = [1, 2, 4, 8]
+    sharp = ScreenQuality({s: 1.0 for s in sizes}, {s: 0.05 for s in sizes})
+    blunt = ScreenQuality({s: 1.0 for s in sizes}, {s: 0.9 for s in sizes})  # passes 90 % of negative groups
+    assert choose_group_size("dorfman", sizes, 0.01, costs, sharp, screen_only_if_cheaper=True) > 0
+    assert choose_group_size("dorfman", sizes, 0.01, costs, blunt, screen_only_if_cheaper=True) == 0
+    assert expected_cost("dorfman", 1, 0.01, costs, blunt) > 1.0  # what 0 avoids
+    assert choose_group_size("dorfman", sizes, 0.01, costs, blunt) in sizes  # without the option: a size
+
+
 def test_prevalence_estimate_converges_on_simulated_groups():
     rng = np.random.default_rng(0)
     quality = ScreenQuality({8: 0.95}, {8: 0.2})

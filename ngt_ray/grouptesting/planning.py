@@ -55,9 +55,17 @@ def expected_cost(algorithm: str, k: int, p: float, costs: StageCosts, quality: 
 
 
 def choose_group_size(algorithm: str, sizes: list[int], p: float, costs: StageCosts, quality: ScreenQuality,
-                      min_size: int = 1) -> int:
-    """The size among ``sizes`` (the calibrated ones) with the lowest expected cost per image."""
-    return min(sizes, key=lambda k: (expected_cost(algorithm, k, p, costs, quality, min_size), k))
+                      min_size: int = 1, screen_only_if_cheaper: bool = False) -> int:
+    """The size among ``sizes`` (the calibrated ones) with the lowest expected cost per image.
+
+    With ``screen_only_if_cheaper``, 0 where even that size is expected to cost more than the
+    individual model on every image (a screen that passes most negative groups, or a prevalence
+    too high for group testing to pay): the caller then confirms every image unscreened.
+    """
+    k = min(sizes, key=lambda k: (expected_cost(algorithm, k, p, costs, quality, min_size), k))
+    if screen_only_if_cheaper and expected_cost(algorithm, k, p, costs, quality, min_size) >= costs.confirm:
+        return 0
+    return k
 
 
 class PrevalenceEstimate:

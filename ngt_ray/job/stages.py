@@ -121,10 +121,11 @@ class Moderator(ModelActor):
         pixels, errors = self._pixels(batch)
         ok = np.flatnonzero(np.array([not e for e in errors], dtype=bool))
         screened = Screened.empty(n, timed=self.spec.seconds is not None)
-        if self.screen_model is None:
+        k = self._choose_k() if self.screen_model is not None else 0
+        if not k:  # no screen, or one that would cost more than confirming every image
             screened.candidate[ok] = True
         elif ok.size:
-            self._screen(batch.uri, pixels, ok, screened)
+            self._screen(batch.uri, pixels, ok, screened, k)
         flagged = self._confirm(batch, pixels, errors, screened)
         with self.clock.phase("output"):
             table = _flags_table(batch.uri, flagged, errors, screened)
@@ -149,18 +150,20 @@ class Moderator(ModelActor):
     # -- the screen ----------------------------------------------------------------------------
 
     def _choose_k(self) -> int:
+        """The group size for the next batch; with ``--group-size auto``, 0 where the cheapest k is
+        still expected to cost more than the individual model on every image (a screen that passes
+        most negative groups, or a prevalence too high to pay): then the batch is not screened."""
         if self.spec.group_size is not None:
             return self.spec.group_size
         if self.quality is None:
             return self.screen_card.group_size
         costs = self.spec.seconds or self.spec.macs
         return choose_group_size(self.spec.algorithm, self.screen_card.calibrated_sizes, self.prevalence.value,
-                                 costs, self.quality, self.spec.min_size)
+                                 costs, self.quality, self.spec.min_size, screen_only_if_cheaper=True)
 
     def _screen(self, uris: np.ndarray, pixels: np.ndarray | torch.Tensor, ok: np.ndarray,
-                out: Screened) -> None:
-        """Run the algorithm over the ``ok`` rows and fill their part of ``out``."""
-        k = self._choose_k()
+                out: Screened, k: int) -> None:
+        """Run the algorithm with groups of ``k`` over the ``ok`` rows and fill their part of ``out``."""
         subset = pixels if ok.size == len(pixels) else pixels[ok]
         with self.clock.phase("to_device"):
             x = self._to_device(subset)

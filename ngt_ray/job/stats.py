@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["STATS_COLUMNS", "count_rows", "phase_columns", "summarize", "top_phases"]
 
 STATS_COLUMNS = ["flagged", "decided_by", "group_size", "tests", "compute_macs", "compute_seconds"]
-_COUNTS = ("images", "errors", "flagged", "retests", "subgroup_cleared", "first_round_groups", "group_tests",
-           "compute_macs", "compute_seconds", "timed_images")
+_COUNTS = ("images", "errors", "flagged", "retests", "subgroup_cleared", "first_round_groups", "grouped",
+           "group_tests", "compute_macs", "compute_seconds", "timed_images")
 
 
 def count_rows(batch: pa.Table) -> pa.Table:
@@ -43,6 +43,7 @@ def count_rows(batch: pa.Table) -> pa.Table:
         "retests": [total(pc.equal(decided, "retest"))],
         "subgroup_cleared": [total(pc.equal(decided, "subgroup"))],
         "first_round_groups": [total(pc.divide(1.0, pc.cast(batch["group_size"], pa.float64())))],
+        "grouped": [float(len(batch["group_size"]) - batch["group_size"].null_count)],
         "group_tests": [total(batch["tests"])],
         "compute_macs": [total(batch["compute_macs"])],
         "compute_seconds": [total(seconds)],
@@ -108,8 +109,10 @@ def summarize(flags: ray.data.Dataset, macs: StageCosts, seconds: StageCosts | N
         "errors": errors,
         "flagged": int(totals["flagged"]),
         "group_size": info.get("group_size", 0),
-        "mean_group_size": screened / groups if groups else 0.0,
+        "mean_group_size": totals["grouped"] / groups if groups else 0.0,
         "first_round_groups": round(groups),
+        # confirmed without a group test: no screen, or --group-size auto found screening would not pay
+        "unscreened": screened - round(totals["grouped"]),
         "group_tests": round(totals["group_tests"]),
         "retests": int(totals["retests"]),
         "subgroup_cleared": int(totals["subgroup_cleared"]),

@@ -165,8 +165,8 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     individual = GroupTestingModel(build_backbone(cfg.backbone), 4).to(device).eval()
     single = {}
     for split, items in splits.items():
-        log.info("individual, %s: %d images (%d positive)", split, len(items), labels[split].sum())
         items = items + pasted["train"] if split == "train" else items
+        log.info("individual, %s: %d images (%d positive)", split, len(items), labels[split].sum())
         embedded = embed_images(individual, items, native, cfg.batch_size, device)
         single[split] = score_cached_groups(individual, embedded, [[i] for i in range(len(items))], device,
                                             features=True)
