@@ -2,7 +2,11 @@
 bootstrap intervals, overall and per source group. Prints a table and writes JSON.
 
     python jobs/score_split.py --manifest firearm.csv --split test --models STEM [STEM ...] \
-        --real-positives firearms --real-negatives scenes --output docs/firearm/test-scores.json
+        --real-positives firearms --real-negatives scenes --paste 200 --output docs/firearm/test-scores.json
+
+``--paste`` adds copy-paste composites made from the split's own cut-outs and scenes (a small gun
+in an everyday scene), scored against every negative and against the real scenes alone: the
+hardest subset, since each composite's background is itself one of those negatives.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from ngt_ray.grouptesting.calibration import roc_auc
 from ngt_ray.nets.checkpoint import load_checkpoint
+from ngt_ray.training.copypaste import pasted_positives
 from ngt_ray.training.embeddings import embed_images, score_cached_groups
 from ngt_ray.training.labelled import LabelledSet
 
@@ -43,17 +48,24 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument("--real-positives", default="firearms", help="source of the real-scene positives")
     parser.add_argument("--real-negatives", default="scenes", help="source of the real-scene negatives")
+    parser.add_argument("--paste", type=int, default=0, help="copy-paste composites added as positives")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     labelled = LabelledSet.from_manifest(args.manifest)
     index = {uri: i for i, uri in enumerate(labelled.uris)}
     items = labelled.split(args.split)
-    sources = np.array([labelled.sources[index[uri]] for uri, _ in items])
+    sources = np.array([labelled.sources[index[uri]] for uri, _ in items] + ["composite"] * args.paste)
+    if args.paste:
+        items = items + pasted_positives(items, args.paste, np.random.default_rng(7))[0]
     labels = np.array([label for _, label in items])
-    subsets = {"all": np.ones(len(items), dtype=bool),
+    real = sources != "composite"
+    subsets = {"all": real,
                "real scenes": np.isin(sources, [args.real_positives, args.real_negatives])}
+    if args.paste:
+        subsets |= {"composites": (labels == 0) | ~real,
+                    "composites vs scenes": (sources == args.real_negatives) | ~real}
     results = {}
-    print(f"{'model':<34} {'subset':<12} {'pos':>4} {'neg':>5} {'AUROC (95 %)':>22} {'recall@1%FPR (95 %)':>24}")
+    print(f"{'model':<34} {'subset':<20} {'pos':>4} {'neg':>5} {'AUROC (95 %)':>22} {'recall@1%FPR (95 %)':>24}")
     for stem in args.models:
         model, card = load_checkpoint(stem)
         with torch.inference_mode():
@@ -68,7 +80,7 @@ def main() -> None:
                                                      "auroc": auc, "auroc_interval": auc_i,
                                                      "recall_at_1pct_fpr": rec, "recall_interval": rec_i,
                                                      "recall_at_threshold": float((s[y == 1] >= card.threshold).mean())}
-            print(f"{Path(stem).name:<34} {name:<12} {int(y.sum()):>4} {int((1 - y).sum()):>5} "
+            print(f"{Path(stem).name:<34} {name:<20} {int(y.sum()):>4} {int((1 - y).sum()):>5} "
                   f"{auc:>7.3f} ({auc_i[0]:.2f}-{auc_i[1]:.2f}) {rec:>9.3f} ({rec_i[0]:.2f}-{rec_i[1]:.2f})")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,7 @@ def _demo(args: argparse.Namespace) -> int:
     demo = from_args(DemoConfig, args)
     work = demo.workdir or Path(tempfile.mkdtemp(prefix="ngt-ray-demo-"))
     bucket = build_bucket(demo.photos, work / "bucket", prevalence=demo.prevalence, max_images=demo.max_images,
-                          seed=args.seed)
+                          seed=args.seed, manifest=demo.manifest, paste=demo.paste)
     print(f"bucket: {bucket.count} photos at {bucket.root}, {len(bucket.positives)} planted positives")
     output = str(work / "results")
     cfg = from_args(ModerationConfig, args, input=str(bucket.root), output=output)

@@ -49,3 +49,19 @@ def test_pasted_positives_come_from_the_split_given(real_scenes):
     assert sizes <= scene_sizes  # every composite is one of the scenes, resized nowhere
     none, used = pasted_positives(negatives, 6, np.random.default_rng(0))
     assert none == [] and used["cut_outs"] == 0
+
+
+def test_a_demo_bucket_from_a_manifest_plants_composites_among_real_positives(real_scenes, tmp_path):
+    from ngt_ray.tools.demo import build_bucket
+
+    photos = sorted((real_scenes / "firearms" / "images").iterdir())[:20]
+    scenes = sorted((real_scenes / "scenes" / "images").iterdir())[:30]
+    rows = [(p, 1) for p in photos] + [(p, 0) for p in scenes]
+    (tmp_path / "m.csv").write_text("uri,label,split\n" + "".join(f"{p},{y},test\n" for p, y in rows))
+    bucket = build_bucket(real_scenes, tmp_path / "bucket", prevalence=0.25, manifest=str(tmp_path / "m.csv"),
+                          paste=30)
+    names = {p.name for p in (tmp_path / "bucket").iterdir()}
+    assert bucket.count == len(names) == 30 + 10 and len(bucket.positives) == 10 and bucket.positives <= names
+    originals = {p.read_bytes() for p, _ in rows}
+    planted = [(tmp_path / "bucket" / n).read_bytes() for n in bucket.positives]
+    assert sum(blob not in originals for blob in planted) >= 3  # composites among them (30 of 50 positives)
