@@ -76,6 +76,11 @@ class TrainConfig(FittingOptions):
     paste: int = option(600, "copy-paste positives added to train: cut-outs of its product-shot positives pasted "
                              "into its scenes (ngt_ray.training.copypaste); a third as many on val, reported only")
     paste_screen: bool = option(False, "also train the group model on the composites (the individual always is)")
+    individual_recall: float | None = option(None, "recall of val positives the individual model's threshold is "
+                                                   "set for (default: --target-recall); with a few dozen varied "
+                                                   "positives, 0.99 means every one, however odd, sets it")
+    distill: float = option(0.0, "weight of the individual model's verdict on a group (its members' largest "
+                                 "logit) as a soft target of the group model, beside the labels")
 
     @property
     def depths(self) -> tuple[int, ...]:
@@ -103,19 +108,24 @@ def _fit_head(features: torch.Tensor, labels: np.ndarray, epochs: int, seed: int
     return head
 
 
-def _scores(head: nn.Linear, features: torch.Tensor) -> np.ndarray:
+def _logits(head: nn.Linear, features: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
-        return torch.sigmoid(head(features.to(head.weight.device)).squeeze(1)).float().cpu().numpy()
+        return head(features.to(head.weight.device)).squeeze(1).float().cpu().numpy()
+
+
+def _scores(head: nn.Linear, features: torch.Tensor) -> np.ndarray:
+    return torch.sigmoid(torch.from_numpy(_logits(head, features))).numpy()
 
 
 def _individual_card(cfg: TrainConfig, size: int, scores: np.ndarray, labels: np.ndarray,
                      source: dict[str, Any]) -> ModelCard:
-    threshold = threshold_for_recall(scores[labels == 1], cfg.target_recall)
+    target = cfg.individual_recall or cfg.target_recall
+    threshold = threshold_for_recall(scores[labels == 1], target)
     return ModelCard(
         backbone=cfg.backbone, design="individual", merge_at=cfg.depths[0] or 4, group_size=1, input_size=size,
         threshold=threshold, trained_modules=["head"],
         positive_class=cfg.positive_class,
-        validation={"split": "val", "target_recall": cfg.target_recall, "unit": "image",
+        validation={"split": "val", "target_recall": target, "unit": "image",
                     **binary_metrics(labels, scores, threshold)},
         training={"split": "train", "data": source, "max_negatives": cfg.max_negatives, "seed": cfg.seed,
                   "examples": len(labels), "epochs": cfg.epochs, "frozen": "backbone weights"},
@@ -199,9 +209,14 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
         cfg.hard_negative_fraction)
     # Frozen ImageNet features do not survive a max over eight images (validation AUC 0.65 with
     # only the head trained): the late stages, batch norm included, must adapt to merged inputs.
+    member_logits = None
+    if cfg.distill:  # the individual model's logit per embedded image (a mirrored copy takes its original's)
+        logits = _logits(head, single["train"])[: len(screen_train)]
+        member_logits = np.concatenate([logits, logits[labels["train"][: len(screen_train)] == 1]])
     losses = finetune_groups(model, embedded, train_labels, weights,
-                             FinetuneConfig(cfg.group_size, cfg.steps, cfg.first_trained, cfg.groups_per_step),
-                             rng, device)
+                             FinetuneConfig(cfg.group_size, cfg.steps, cfg.first_trained, cfg.groups_per_step,
+                                            distill_weight=cfg.distill),
+                             rng, device, member_logits=member_logits)
     first = cfg.first_trained
     card = ModelCard(
         backbone=cfg.backbone, design=cfg.design, merge_at=cfg.depths[0], group_size=cfg.group_size,
@@ -212,13 +227,16 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
         training={"split": "train", "data": source, "max_negatives": cfg.max_negatives, "seed": cfg.seed,
                   "steps": cfg.steps, "groups_per_step": cfg.groups_per_step, "positive_group_fraction": 0.5,
                   "hard_negative_fraction": cfg.hard_negative_fraction, "mirrored_positives": mirrored,
-                  "final_loss": float(np.mean(losses[-100:])), "frozen": f"backbone.stages[:{first}]"},
+                  "final_loss": float(np.mean(losses[-100:])), "frozen": f"backbone.stages[:{first}]",
+                  "distill": cfg.distill},
     )
-    # Calibrated on the real val positives and the composites the individual model catches, so the
-    # screen does not drop what the confirmation would flag.
-    embedded_val = embed_images(model, splits["val"] + caught, size, cfg.batch_size, device)
-    card.training["calibration_composites"] = len(caught)
-    val_labels = np.concatenate([labels["val"], np.ones(len(caught), dtype=int)])
+    # Calibrated on the val positives, real and pasted, that the individual model flags: the screen
+    # is held to losing none of what the confirmation would find, not what it would miss anyway.
+    flagged = _scores(head, single["val"]) >= cards["individual"].threshold
+    kept = [item for item, y, f in zip(splits["val"], labels["val"], flagged) if not y or f]
+    embedded_val = embed_images(model, kept + caught, size, cfg.batch_size, device)
+    card.training["calibration_positives"] = {"real": int((labels["val"] & flagged).sum()), "composites": len(caught)}
+    val_labels = np.array([y for _, y in kept] + [1] * len(caught))
     cards["group"] = calibrate_sizes(model, card, embedded_val, val_labels, cfg.calibration_sizes,
                                      cfg.target_recall, cfg.val_groups, cfg.seed, device, split="val")
     save_checkpoint(model, cards["group"], cfg.output / model_stem(cards["group"]), model.shared_state_keys(first))

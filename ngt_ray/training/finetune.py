@@ -47,9 +47,15 @@ def group_loss(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 1
 
 def finetune_groups(model: GroupTestingModel, embedded: torch.Tensor, labels: np.ndarray, weights: np.ndarray,
                     cfg: FinetuneConfig, rng: np.random.Generator, device: torch.device,
-                    teacher: GroupTestingModel | None = None) -> list[float]:
+                    teacher: GroupTestingModel | None = None, member_logits: np.ndarray | None = None) -> list[float]:
     """Train ``model``'s stages from ``cfg.first_trained`` and its head on groups of
     ``cfg.group_size`` (half of them positive; negatives drawn by ``weights``). Returns the losses.
+
+    The soft target is either a ``teacher`` group model's logit on the same merged group
+    (compression), or, with ``member_logits`` (the individual model's logit per embedded image),
+    the largest of the members' logits: "would the confirmation flag any of them". That target
+    also grades negatives (a gun-like negative group is nearer the boundary than a kitchen), a
+    denser signal than the labels for a screen learning from few positives.
 
     Batch norm runs in training mode, so its statistics adapt to merged maps, whose values are
     maxima over several images and larger than any single image's.
@@ -76,6 +82,8 @@ def finetune_groups(model: GroupTestingModel, embedded: torch.Tensor, labels: np
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher.score_groups(h, sizes)
+        elif member_logits is not None:
+            teacher_logits = torch.tensor([float(member_logits[g].max()) for g in groups], device=device)
         loss = group_loss(model.score_groups(h, sizes), y, cfg.pos_weight, teacher_logits, cfg.distill_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
