@@ -32,14 +32,18 @@ def test_committed_checkpoints_load_and_agree_with_their_cards():
 
 
 def test_the_catalogue_names_every_packaged_model_by_what_its_card_says(tmp_path):
-    from ngt_ray.nets.checkpoint import get_model, list_models, model_stem, read_card
+    from ngt_ray.nets.checkpoint import get_model, individual_model_for, list_models, model_stem, read_card
 
     names = list_models()
-    assert "revolver-lite0-individual" in names and "revolver-lite0-tree-k8-compressed" in names
+    assert {"firearm-lite0-individual", "firearm-lite0-tree-k8", "revolver-lite0-individual",
+            "revolver-lite0-tree-k8-compressed"} <= set(names)
     for name in names:
         assert model_stem(read_card(name)) == name  # a name is derived, not hand-written
         assert get_model(name) == get_model(get_model(name))  # names and stems resolve alike
-    assert default_screen_model().name == "revolver-lite0-tree-k8-compressed"
-    assert default_screen_model("tree", compressed=False).name == "revolver-lite0-tree-k8"
+    # the default class's screen where it has one, any class's otherwise; each with its own confirmation
+    assert default_screen_model().name == "firearm-lite0-tree-k8" == default_screen_model(compressed=False).name
+    assert default_screen_model("feature").name == "revolver-lite0-feature-k8"
+    for design, individual in (("tree", "firearm-lite0-individual"), ("feature", "revolver-lite0-individual")):
+        assert individual_model_for(read_card(default_screen_model(design))).name == individual
     with pytest.raises(FileNotFoundError, match="no packaged model of that name"):
         get_model(tmp_path / "missing")

@@ -15,8 +15,8 @@ import s3fs
 
 from ngt_ray.job.pipeline import ModerationConfig, run_moderation
 from ngt_ray.nets.checkpoint import (
-    DEFAULT_INDIVIDUAL_MODEL,
     default_screen_model,
+    individual_model_for,
     load_checkpoint,
 )
 
@@ -65,14 +65,16 @@ def test_folder_bucket_flags_planted_positives(folder_run, planted):
     assert _names(flags) == {p.name for p in planted.root.iterdir()}
     assert all(u.startswith("file://") for u in flags.column("uri").to_pylist())
     _assert_finds_planted(flags, planted)
-    assert stats["errors"] == 0
+    assert stats["errors"] == 0 and stats["unscreened"] == 0  # a fixed k screens every image
 
 
 def test_decisions_equal_plain_reference(folder_run):
     flags, stats = folder_run
     rows = flags.to_pylist()
     card = load_checkpoint(_FEATURE)[1]
-    i_thr = load_checkpoint(DEFAULT_INDIVIDUAL_MODEL)[1].threshold
+    # the feature screen is the revolver class's, and so is its confirmation, whatever the default class
+    assert card.positive_class == "revolver" and stats["individual_model"] == "revolver-lite0-individual"
+    i_thr = load_checkpoint(individual_model_for(card))[1].threshold
     assert stats["individual_threshold"] == pytest.approx(i_thr)
     by_group: dict[int, list[dict]] = {}
     for r in rows:

@@ -19,7 +19,7 @@ from typing import Any
 from ngt_ray.grouptesting.algorithms import ALGORITHMS, get_algorithm
 from ngt_ray.grouptesting.cost_table import StageCosts, plan_sizes
 from ngt_ray.job.contracts import ActorSpec
-from ngt_ray.nets.checkpoint import DEFAULT_INDIVIDUAL_MODEL, default_screen_model
+from ngt_ray.nets.checkpoint import default_screen_model, individual_model_for
 from ngt_ray.nets.model import DESIGNS
 from ngt_ray.nets.profiling import stage_macs
 from ngt_ray.nets.runtime import RUNTIMES
@@ -64,7 +64,8 @@ class ModerationConfig(OnCluster):
     design: str = option("tree", "merge design: picks the packaged screen model (ignored with --model)",
                          choices=lambda: list(DESIGNS))
     model: str | None = option(None, "screen (group) checkpoint stem (default: the packaged one of --design)")
-    individual_model: str = option(str(DEFAULT_INDIVIDUAL_MODEL), "confirmation checkpoint stem")
+    individual_model: str | None = option(None, "confirmation checkpoint stem (default: the packaged individual "
+                                                "model of the screen's class)")
     screen: bool = option(True, "screen with group tests; without, every image goes through the individual "
                                 "model on the same input path (the baseline the savings are measured against)")
     algorithm: str = option("halving", "group-testing algorithm (ngt_ray.grouptesting.algorithms)",
@@ -186,7 +187,8 @@ def plan(cfg: ModerationConfig, cluster: Mapping[str, float]) -> JobPlan:
     individual = not cfg.screen
     model = cfg.model or str(default_screen_model(cfg.design))
     screen_model, screen_card = load_model(model, stub=cfg.stub_models)
-    individual_model, individual_card = load_model(cfg.individual_model, stub=cfg.stub_models)
+    individual_stem = cfg.individual_model or str(individual_model_for(screen_card))
+    individual_model, individual_card = load_model(individual_stem, stub=cfg.stub_models)
     auto = cfg.group_size == "auto"
     k = None if auto else screen_card.group_size if cfg.group_size is None else int(cfg.group_size)
     if k is not None and k < 1:
@@ -205,7 +207,7 @@ def plan(cfg: ModerationConfig, cluster: Mapping[str, float]) -> JobPlan:
     decode_here = cfg.decode == "gpu" or (cfg.decode == "auto" and on_gpu and _few_cpus_per_gpu(cluster))
     device = "cuda" if on_gpu else "cpu"
     actor = ActorSpec(
-        individual_model=cfg.individual_model, screen_model=None if individual else model,
+        individual_model=individual_stem, screen_model=None if individual else model,
         algorithm=cfg.algorithm, group_size=k, seed=cfg.seed, min_size=cfg.min_size,
         prevalence_prior=cfg.prevalence_prior, macs=macs, seconds=None, device=device,
         threads=placement.threads, runtime=cfg.runtime, decode_here=decode_here, stub_models=cfg.stub_models,
@@ -214,7 +216,7 @@ def plan(cfg: ModerationConfig, cluster: Mapping[str, float]) -> JobPlan:
     info = {
         "group_size": 0 if auto else k,  # 0: chosen per batch ("auto"); mean_group_size says what was used
         "model": Path(model).name,
-        "individual_model": Path(cfg.individual_model).name,
+        "individual_model": Path(individual_stem).name,
         "backbone": screen_card.backbone,
         "design": "none" if individual else screen_card.design,
         "algorithm": "none" if individual else cfg.algorithm,

@@ -21,12 +21,16 @@ from ngt_ray.nets.model import GroupTestingModel
 from ngt_ray.nets.surgery import linearise, resize_to_state
 
 __all__ = [
-    "DEFAULT_INDIVIDUAL_MODEL", "ModelCard", "default_screen_model", "get_model", "list_models", "load_checkpoint",
+    "DEFAULT_CLASS", "DEFAULT_INDIVIDUAL_MODEL", "ModelCard", "default_screen_model", "get_model",
+    "individual_model_for", "list_models", "load_checkpoint",
     "model_stem", "packaged_screen_models", "read_card", "save_checkpoint", "write_card",
 ]
 
 _PACKAGED = Path(__file__).parent.parent / "checkpoints"
-DEFAULT_INDIVIDUAL_MODEL = _PACKAGED / "revolver-lite0-individual"
+# What the job looks for unless told otherwise: firearms (handguns and long guns, in scenes). The
+# Caltech ``revolver`` models stay packaged: the only class with feature- and pixel-merge screens.
+DEFAULT_CLASS = "firearm"
+DEFAULT_INDIVIDUAL_MODEL = _PACKAGED / f"{DEFAULT_CLASS}-lite0-individual"
 
 
 def model_stem(card: ModelCard) -> str:
@@ -59,14 +63,26 @@ def packaged_screen_models() -> list[Path]:
 
 
 def default_screen_model(design: str = "tree", compressed: bool = True) -> Path:
-    """The packaged screen checkpoint of a merge design, for the default class: its compressed
-    version where one was accepted (``ngt-ray compress``), unless ``compressed`` is False."""
+    """The packaged screen checkpoint of a merge design: the default class's where there is one
+    (else another class's), its compressed version where one was accepted (``ngt-ray compress``),
+    unless ``compressed`` is False."""
     found = [stem for stem in packaged_screen_models() if read_card(stem).design == design]
-    found.sort(key=lambda stem: ("compressed" in stem.name) != compressed)  # the preferred kind first
+    # the preferred class first, then the preferred kind
+    found.sort(key=lambda stem: (read_card(stem).positive_class != DEFAULT_CLASS,
+                                 ("compressed" in stem.name) != compressed))
     if not found:
         raise FileNotFoundError(f"no packaged {design!r} screen model; train one with ngt-ray train "
                                 f"--design {design} and pass --model")
     return found[0]
+
+
+def individual_model_for(screen: ModelCard) -> Path:
+    """The packaged individual model of a screen's class: the confirmation that goes with it."""
+    stem = _PACKAGED / f"{screen.positive_class}-{screen.backbone.removeprefix('efficientnet-')}-individual"
+    if not stem.with_suffix(".json").exists():
+        raise FileNotFoundError(f"no packaged individual model for class {screen.positive_class!r} ({stem.name}); "
+                                "pass --individual-model")
+    return stem
 
 
 @dataclass

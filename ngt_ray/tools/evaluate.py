@@ -31,11 +31,7 @@ from ngt_ray.grouptesting.algorithms import ALGORITHMS, get_algorithm, screen
 from ngt_ray.grouptesting.buckets import plant
 from ngt_ray.grouptesting.calibration import roc_auc
 from ngt_ray.grouptesting.cost_table import StageCosts, plan_sizes
-from ngt_ray.nets.checkpoint import (
-    DEFAULT_INDIVIDUAL_MODEL,
-    load_checkpoint,
-    packaged_screen_models,
-)
+from ngt_ray.nets.checkpoint import individual_model_for, load_checkpoint, packaged_screen_models
 from ngt_ray.nets.profiling import stage_macs, stage_seconds
 from ngt_ray.nets.runtime import pick_device
 from ngt_ray.options import Common, Photos, option
@@ -54,7 +50,8 @@ class EvaluationConfig(Common, Photos):
     """The evaluation grid: which models, sizes, prevalences and algorithms, on which photos."""
 
     models: Sequence[str] | None = option(None, "screen checkpoint stems (default: every packaged one)", nargs="+")
-    individual_model: str = option(str(DEFAULT_INDIVIDUAL_MODEL), "confirmation checkpoint stem")
+    individual_model: str | None = option(None, "confirmation checkpoint stem (default: the packaged individual "
+                                                "model of each screen's class)")
     output: Path = option(Path("docs/evaluation"), "folder for Parquet, markdown and PNG plots")
     split: str = option("test", "split the buckets are made of", choices=("train", "val", "test"))
     manifest: str | None = option(None, "a labelled manifest (uri,label[,source,split]) to draw the split from "
@@ -156,17 +153,25 @@ def evaluate(cfg: EvaluationConfig) -> pa.Table:
     used = np.unique(np.concatenate(list(buckets.values())))
     items, labels = [items[i] for i in used], labels[used]
     buckets = {key: np.searchsorted(used, b) for key, b in buckets.items()}
-    individual, individual_card = load_checkpoint(cfg.individual_model, map_location=device)
-    log.info("individual model on %d %s images", len(items), cfg.split)
-    emb = embed_images(individual, items, individual_card.input_size, cfg.batch, device)
-    individual_scores = torch.sigmoid(score_cached_groups(individual, emb, [[i] for i in range(len(items))],
-                                                          device)).numpy()
-    individual_flag = individual_scores >= individual_card.threshold
+    confirmations: dict[str, tuple] = {}  # per individual model: it, its card, its flag per image
+
+    def confirmation(stem: str) -> tuple:
+        if stem not in confirmations:
+            individual, individual_card = load_checkpoint(stem, map_location=device)
+            log.info("individual model %s on %d %s images", Path(stem).name, len(items), cfg.split)
+            emb = embed_images(individual, items, individual_card.input_size, cfg.batch, device)
+            scores = torch.sigmoid(score_cached_groups(individual, emb, [[i] for i in range(len(items))],
+                                                       device)).numpy()
+            confirmations[stem] = (individual, individual_card, scores >= individual_card.threshold)
+        return confirmations[stem]
+
     rows = []
     for stem in cfg.models or packaged_screen_models():
         model, card = load_checkpoint(stem, map_location=device)
         if card.design == "individual":
             continue
+        individual, individual_card, individual_flag = confirmation(
+            cfg.individual_model or str(individual_model_for(card)))
         sizes = plan_sizes(cfg.sizes)
         macs = stage_macs(model, individual, card.input_size, individual_card.input_size, sizes)
         seconds = (stage_seconds(model, individual, card.input_size, individual_card.input_size, sizes, device)
