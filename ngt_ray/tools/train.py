@@ -1,14 +1,17 @@
 """Train the individual and the group (screen) model for the rare class, then calibrate them.
 
 Individual model: the ImageNet backbone stays frozen at its native resolution and a logistic
-head is fitted on its pooled features (validation AUC about 1.0 for ``revolver``).
+head is fitted on its pooled features, from the real photos and copy-paste composites (cut-outs of
+the product-shot positives pasted into the split's scenes: on the firearm test split the model
+scores small pasted guns at AUROC 0.76, the revolver model trained without them 0.56).
 Group model, any design (pixel, feature, tree merge): the stages before ``train_from`` stay frozen
 and the per-image embeddings are cached once; the stages after and the head are fine-tuned on
-merged groups of k (label = any positive; half the groups positive, positives also mirrored;
-a quarter of the negative slots drawn from the individual model's hardest negatives), at a
-reduced screening resolution. Thresholds are calibrated on the held-out ``val`` split per group
-size for a target recall of positive images (individual) and positive groups (group model).
-CPU-sized by default; on a GPU raise ``--steps`` and ``--max-negatives``.
+merged groups of k (label = any positive, optionally the individual model's verdict as a soft
+target; half the groups positive, positives also mirrored; a quarter of the negative slots drawn
+from the individual model's hardest negatives), at a reduced screening resolution. Thresholds are
+calibrated on the held-out ``val`` split: the individual model's for a recall of its positive
+images, the group model's per size for a recall of the positive groups among what the individual
+model flags. CPU-sized by default; on a GPU raise ``--steps`` and ``--max-negatives``.
 """
 
 from __future__ import annotations
