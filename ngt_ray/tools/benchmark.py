@@ -41,7 +41,7 @@ from ngt_ray.job.phases import OPERATOR_STAGES, operator_cpu_seconds
 from ngt_ray.job.pipeline import ModerationConfig, actor_placement, run_moderation
 from ngt_ray.job.plan import DECODERS, OnCluster
 from ngt_ray.job.stages import ModelActor
-from ngt_ray.nets.checkpoint import DEFAULT_INDIVIDUAL_MODEL, load_checkpoint
+from ngt_ray.nets.checkpoint import get_model, load_checkpoint
 from ngt_ray.nets.runtime import RUNTIMES, inference_context
 from ngt_ray.options import Photos, option
 from ngt_ray.training.datasets import caltech_split
@@ -109,6 +109,11 @@ def make_jpeg_bucket(data: Path, root: Path, n: int, prevalence: float, width: i
     return root, planted
 
 
+# The bucket plants Caltech revolvers, and group testing pays on that class (the CPU-trained firearm
+# screen does not yet, so the default class would be confirmed unscreened and (c) would equal (b)).
+_SCREEN, _INDIVIDUAL = get_model("revolver-lite0-tree-k8-compressed"), get_model("revolver-lite0-individual")
+
+
 class _PlainClassifier(ModelActor):
     """The plain recipe's model stage: decoded HWC arrays in, one score per image out. It loads the
     model as ngt-ray's actors do (same runtime levers), so only the input path differs."""
@@ -122,12 +127,12 @@ class _PlainClassifier(ModelActor):
 
 def _plain(bucket: str, out: Path, cfg: BenchmarkConfig, on_gpu: bool) -> dict[str, float]:
     """(a), with the resources ngt-ray gives its model actors in (b), so only the input path differs."""
-    size = load_checkpoint(DEFAULT_INDIVIDUAL_MODEL)[1].input_size
+    size = load_checkpoint(_INDIVIDUAL)[1].input_size
     placement = actor_placement(ray.cluster_resources(), "cuda" if on_gpu else "cpu",
                                 actors_per_gpu=cfg.actors_per_gpu)
     ds = ray.data.read_images(bucket, size=(size, size), mode="RGB", include_paths=True)
     ds = ds.map_batches(_PlainClassifier, fn_constructor_kwargs={
-        "model_path": str(DEFAULT_INDIVIDUAL_MODEL), "device": "cuda" if on_gpu else "cpu",
+        "model_path": str(_INDIVIDUAL), "device": "cuda" if on_gpu else "cpu",
         "threads": placement.threads, "runtime": cfg.runtime, "stub": cfg.stub_models},
         batch_size=512 if on_gpu else 32, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=placement.max_actors),
         batch_format="numpy", **placement.resources)
@@ -220,7 +225,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
 
     common = {"ray_address": cfg.ray_address, "device": "cuda" if on_gpu else "cpu", "runtime": cfg.runtime,
               "decode": cfg.decode, "measure_time": False, "seed": cfg.seed, "stub_models": cfg.stub_models,
-              "actors_per_gpu": cfg.actors_per_gpu}
+              "actors_per_gpu": cfg.actors_per_gpu, "model": str(_SCREEN), "individual_model": str(_INDIVIDUAL)}
     timed("plain", lambda: _plain(bucket, workdir / "plain", cfg, on_gpu))
     timed("individual", lambda: _compact(run_moderation(ModerationConfig(
         input=bucket, output=str(workdir / "individual"), screen=False, **common))))
