@@ -54,14 +54,14 @@ def main() -> None:
     labelled = LabelledSet.from_manifest(args.manifest)
     index = {uri: i for i, uri in enumerate(labelled.uris)}
     items = labelled.split(args.split)
-    sources = np.array([labelled.sources[index[uri]] for uri, _ in items] + ["composite"] * args.paste)
-    if args.paste:
-        items = items + pasted_positives(items, args.paste, np.random.default_rng(7))[0]
+    made = pasted_positives(items, args.paste, np.random.default_rng(7))[0] if args.paste else []
+    sources = np.array([labelled.sources[index[uri]] for uri, _ in items] + ["composite"] * len(made))
+    items = items + made
     labels = np.array([label for _, label in items])
     real = sources != "composite"
     subsets = {"all": real,
                "real scenes": np.isin(sources, [args.real_positives, args.real_negatives])}
-    if args.paste:
+    if made:
         subsets |= {"composites": (labels == 0) | ~real,
                     "composites vs scenes": (sources == args.real_negatives) | ~real}
     results = {}
