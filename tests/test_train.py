@@ -11,7 +11,8 @@ from ngt_ray.tools.train import TrainConfig, train
 
 def test_training_writes_calibrated_loadable_checkpoints(caltech, tmp_path):
     cards = train(TrainConfig(data=caltech, output=tmp_path, design="tree", max_negatives=24, steps=2,
-                              val_groups=16, epochs=20, screen_size=96, calibration_sizes=(1, 2, 8), paste=12))
+                              val_groups=16, epochs=20, screen_size=96, calibration_sizes=(1, 2, 8), paste=12,
+                              distill=0.5))
     for kind, stem in (("individual", "revolver-lite0-individual"), ("group", "revolver-lite0-tree-k8")):
         model, card = load_checkpoint(tmp_path / stem)
         assert card == cards[kind]
@@ -29,6 +30,7 @@ def test_training_writes_calibrated_loadable_checkpoints(caltech, tmp_path):
     made = cards["group"].training["data"]["composites"]
     assert made["train"]["composites"] == 12 and made["val"]["composites"] == 4 and made["train"]["cut_outs"] > 0
     assert cards["individual"].validation["composites"]["composites"] == 4
+    assert cards["group"].training["distill"] == 0.5  # trained against the individual model's verdicts too
     assert 0 <= cards["individual"].validation["composites"]["auroc"] <= 1
 
 
