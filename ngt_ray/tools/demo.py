@@ -66,7 +66,7 @@ def build_bucket(data: Path, dest: Path, *, prevalence: float = 0.01, max_images
     planted = set()
     for path, positive in [(p, True) for p in chosen_pos] + [(p, False) for p in chosen_neg]:
         name = f"{uuid.UUID(int=int(rng.integers(0, 2**63)) << 64 | int(rng.integers(0, 2**63))).hex}.jpg"
-        (dest / name).write_bytes(path if isinstance(path, bytes) else read_image_bytes(str(path)))
+        (dest / name).write_bytes(read_image_bytes(path))
         if positive:
             planted.add(name)
     return PlantedBucket(dest, planted, len(chosen_pos) + len(chosen_neg))

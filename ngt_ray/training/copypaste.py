@@ -116,7 +116,6 @@ def pasted_positives(items: Sequence[LabelledImage], n: int, rng: np.random.Gene
 
 
 def _open(src: Path | str | bytes) -> Image.Image:
-    data = src if isinstance(src, bytes) else Path(src).read_bytes() if isinstance(src, Path) else read_image_bytes(src)
-    im = Image.open(io.BytesIO(data))
+    im = Image.open(io.BytesIO(read_image_bytes(src)))
     im.draft("RGB", (1024, 1024))  # cut-outs and scenes need no more
     return im.convert("RGB")

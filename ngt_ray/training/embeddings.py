@@ -8,7 +8,6 @@ only the shared stages, which is what makes thousands of groups affordable on a 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,9 +31,7 @@ def embed_images(model: GroupTestingModel, items: Sequence[LabelledImage], size:
     for i in range(0, len(items), batch):
         arrays = []
         for path, _ in items[i : i + batch]:
-            data = path if isinstance(path, bytes) else path.read_bytes() if isinstance(path, Path) \
-                else read_image_bytes(path)
-            arr, err = decode_image(data, size)
+            arr, err = decode_image(read_image_bytes(path), size)
             if arr is None:
                 raise ValueError(f"image {path} failed to decode: {err}")
             arrays.append(arr[:, :, ::-1] if flip else arr)

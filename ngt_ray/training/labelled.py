@@ -16,7 +16,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import PurePath, PurePosixPath
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -29,9 +29,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _FRACTIONS = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
 
 
-def read_image_bytes(uri: str, s3_endpoint: str | None = None) -> bytes:
-    """The bytes of one image URL (any fsspec URL or a local path)."""
-    loc = resolve(uri, s3_endpoint)
+def read_image_bytes(src: str | PurePath | bytes, s3_endpoint: str | None = None) -> bytes:
+    """The bytes of one labelled image: any fsspec URL or local path, or the encoded image itself
+    (composites made in memory travel as their bytes)."""
+    if isinstance(src, bytes):
+        return src
+    loc = resolve(str(src), s3_endpoint)
     return loc.fs.cat_file(loc.path)
 
 
