@@ -78,11 +78,12 @@ def default_screen_model(design: str = "tree", compressed: bool = True) -> Path:
 
 def individual_model_for(screen: ModelCard) -> Path:
     """The packaged individual model of a screen's class: the confirmation that goes with it."""
-    stem = _PACKAGED / f"{screen.positive_class}-{screen.backbone.removeprefix('efficientnet-')}-individual"
-    if not stem.with_suffix(".json").exists():
-        raise FileNotFoundError(f"no packaged individual model for class {screen.positive_class!r} ({stem.name}); "
-                                "pass --individual-model")
-    return stem
+    for name in list_models():
+        card = read_card(_PACKAGED / name)
+        if (card.design, card.positive_class, card.backbone) == ("individual", screen.positive_class, screen.backbone):
+            return _PACKAGED / name
+    raise FileNotFoundError(f"no packaged individual {screen.backbone} model for class {screen.positive_class!r}; "
+                            "pass --individual-model")
 
 
 @dataclass
