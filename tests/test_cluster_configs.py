@@ -482,7 +482,7 @@ BREAKAGES = {
 @pytest.mark.parametrize("breakage", BREAKAGES)
 def test_crd_validation_rejects_a_broken_manifest(kind: str, breakage: str) -> None:
     """The CRD check can fail: each of these breaks a valid manifest, and each must be refused."""
-    (doc,) = [copy.deepcopy(d) for _, d in ray_docs() if d["kind"] == kind][:1]
+    doc = copy.deepcopy(next(d for _, d in ray_docs() if d["kind"] == kind))
     assert not crd_errors(doc)
     BREAKAGES[breakage](doc)
     assert crd_errors(doc), f"{breakage} passed the {kind} CRD"
@@ -490,7 +490,7 @@ def test_crd_validation_rejects_a_broken_manifest(kind: str, breakage: str) -> N
 
 def test_int_or_string_accepts_both() -> None:
     """Quantities may be written 14 or "14" (x-kubernetes-int-or-string), as the API server takes them."""
-    (doc,) = [copy.deepcopy(d) for _, d in ray_docs() if d["kind"] == "RayCluster"][:1]
+    doc = copy.deepcopy(next(d for _, d in ray_docs() if d["kind"] == "RayCluster"))
     limits = cluster_spec(doc)["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     limits["cpu"] = 6
     assert not crd_errors(doc)
