@@ -4,24 +4,55 @@ from __future__ import annotations
 
 import pytest
 
+from ngt_ray.job.placement import PlacementError
 from ngt_ray.job.plan import ModerationConfig, actor_placement, plan
 
 
-def test_gpu_actors_share_each_gpu_and_leave_the_cpus_to_decode():
+def test_gpu_actors_share_each_gpu_and_the_pool_grows_with_the_cluster():
     placement = actor_placement({"CPU": 16, "GPU": 1})
     assert placement.on_gpu and placement.max_actors == 2
     assert placement.resources == {"num_gpus": 0.5, "num_cpus": 1}
+    assert placement.pool_max is None  # an autoscaling cluster's new GPU nodes get actors too
     assert actor_placement({"CPU": 64, "GPU": 4}, actors_per_gpu=1).max_actors == 4
+    assert actor_placement({"CPU": 16, "GPU": 1}, max_actors=3).pool_max == 3
     assert not actor_placement({"CPU": 16, "GPU": 1}, device="cpu").on_gpu
+    # a GPU node short of CPUs: the actors take less than a CPU each, so a decode task still fits
+    short = actor_placement([{"CPU": 0}, {"CPU": 2, "GPU": 1}])
+    assert short.resources["num_cpus"] * short.max_actors <= 2 - short.task_cpus
 
 
-def test_cpu_actors_always_leave_a_core_for_read_and_decode():
-    for cpus in (2, 3, 4, 16, 64):
-        placement = actor_placement({"CPU": cpus})
-        reserved = placement.max_actors * placement.resources["num_cpus"]
-        assert reserved <= cpus - 1 or (cpus == 2 and reserved <= 1)
-        assert placement.resources["num_cpus"] <= 4 and placement.threads >= 1
-    with pytest.raises(RuntimeError, match="no GPUs"):
+def _fits(nodes: list[dict[str, float]], placement) -> bool:
+    """Place ``max_actors`` actors on ``nodes`` in the worst way (first fit, biggest node first):
+    a read/decode task must still fit on some node."""
+    free = sorted((n.get("CPU", 0.0) for n in nodes), reverse=True)
+    need = placement.resources["num_cpus"]
+    for _ in range(placement.max_actors):
+        for i, cpus in enumerate(free):
+            if cpus >= need:
+                free[i] -= need
+                break
+        else:
+            return False  # an actor the nodes cannot hold: the pool would wait forever
+    return any(cpus >= placement.task_cpus for cpus in free)
+
+
+@pytest.mark.parametrize("shape", [[1, 1], [2, 2], [2, 1], [2, 2, 2], [0, 2, 2], [4], [16], [64, 8], [3, 3, 3]])
+def test_cpu_actors_are_sized_from_the_nodes_and_leave_every_cluster_room_to_read_and_decode(shape):
+    nodes = [{"CPU": float(c)} for c in shape]
+    placement = actor_placement(nodes)
+    need = placement.resources["num_cpus"]
+    assert need <= max(shape) - placement.task_cpus  # one actor fits on a node beside a task
+    assert need <= 4 and placement.threads >= 1 and placement.max_actors >= 1
+    assert placement.task_cpus <= min(c for c in shape if c)
+    assert _fits(nodes, placement)
+
+
+def test_nodes_too_small_for_any_actor_fail_at_once_naming_their_shapes():
+    with pytest.raises(PlacementError, match="no node can hold a model actor.*0.5 CPU"):
+        actor_placement([{"CPU": 0.5}, {"CPU": 0.5}])
+    with pytest.raises(PlacementError, match="no CPUs"):
+        actor_placement([{"CPU": 0, "GPU": 1}])
+    with pytest.raises(PlacementError, match="no GPUs"):
         actor_placement({"CPU": 4}, device="cuda")
 
 
