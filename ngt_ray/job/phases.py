@@ -105,7 +105,12 @@ class PhaseClock:
             device = sum(start.elapsed_time(end) for start, end in self._events) / 1e3
         self._last_end = time.perf_counter()
         return {"images": images, "batches": 1, "wall": dict(self.wall), "cpu": dict(self.cpu),
-                "device_seconds": device}
+                "device_seconds": device, "node": _node_id(), "finished_at": time.time()}
+
+
+def _node_id() -> str:
+    """The Ray node this runs on ("" outside Ray): the stats say how many nodes did the work."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 @ray.remote(num_cpus=0)
@@ -116,10 +121,14 @@ class PhaseLedger:
     def __init__(self) -> None:
         self.totals: dict[str, Any] = {"images": 0, "batches": 0, "device_seconds": 0.0,
                                        "wall": dict.fromkeys(PHASES, 0.0), "cpu": dict.fromkeys(PHASES, 0.0),
-                                       "decode_tasks": {"images": 0, "wall": 0.0, "cpu": 0.0}}
+                                       "decode_tasks": {"images": 0, "wall": 0.0, "cpu": 0.0},
+                                       "nodes": {"model": [], "decode_tasks": []}, "first_output_at": None}
 
     def add(self, record: dict[str, Any], source: str = "model") -> None:
         t = self.totals
+        node = record.get("node")
+        if node and node not in t["nodes"][source]:
+            t["nodes"][source].append(node)
         if source == "decode_tasks":
             tasks = t["decode_tasks"]
             tasks["images"] += record["images"]
@@ -128,6 +137,9 @@ class PhaseLedger:
             return
         t["images"] += record["images"]
         t["batches"] += record["batches"]
+        if "finished_at" in record:
+            first = t["first_output_at"]
+            t["first_output_at"] = record["finished_at"] if first is None else min(first, record["finished_at"])
         t["device_seconds"] += record["device_seconds"]
         for kind in ("wall", "cpu"):
             for name, seconds in record[kind].items():

@@ -16,14 +16,15 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-import pyarrow.parquet as pq
 import ray
 import ray.data
-from ray.data._internal.savemode import SaveMode
 
 from ngt_ray.grouptesting.cost_table import StageCosts
 from ngt_ray.job.contracts import FLAGS_SCHEMA
+from ngt_ray.job.manifests import manifest_paths
+from ngt_ray.job.outputs import RunOutput, run_config
 from ngt_ray.job.phases import collect, operator_cpu_seconds, start_ledger
+from ngt_ray.job.placement import cluster_nodes
 from ngt_ray.job.plan import DECODERS, JobPlan, ModerationConfig, actor_placement, plan
 from ngt_ray.job.sources import read_source
 from ngt_ray.job.stages import Moderator, decode_batch
@@ -66,59 +67,86 @@ def _ordered(ordered: bool) -> Iterator[None]:
         options.preserve_order = before
 
 
-def build(p: JobPlan) -> ray.data.Dataset:
-    """read -> decode -> moderate: the lazy Ray Data chain of a plan (``write`` consumes it)."""
-    cfg = p.cfg
-    ds = read_source(resolve(cfg.input, cfg.s3_endpoint), cfg.input_format, image_column=cfg.image_column,
-                     key_column=cfg.key_column)
+def build(p: JobPlan, skip: frozenset[str] = frozenset()) -> ray.data.Dataset:
+    """read -> decode -> moderate: the lazy Ray Data chain of a plan (``write`` consumes it);
+    ``skip`` holds the uris an earlier attempt of the run already wrote."""
+    cfg, tasks = p.cfg, p.placement.task_resources
+    src = resolve(cfg.input, cfg.s3_endpoint)
+    paths = manifest_paths(cfg.input_manifest, src, key_column=cfg.key_column, s3_endpoint=cfg.s3_endpoint,
+                           task_cpus=p.placement.task_cpus) if cfg.input_manifest else None
+    ds = read_source(src, cfg.input_format, image_column=cfg.image_column, key_column=cfg.key_column, paths=paths,
+                     skip=skip, task_cpus=p.placement.task_cpus, block_rows=p.batch_size)
     if p.decode_in_tasks:  # draft-mode JPEG decode on any node, CPU-only ones included; uint8 onwards
         # One decode block is one model batch: the actor takes it as it is, with no concatenation.
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": p.decode_size, "ledger": p.actor.ledger},
-                            batch_size=p.batch_size, batch_format="numpy", num_cpus=1, memory=_DECODE_MEMORY,
-                            scheduling_strategy="SPREAD")
+                            batch_size=p.batch_size, batch_format="numpy", memory=_DECODE_MEMORY,
+                            scheduling_strategy="SPREAD", **tasks)
     ds = ds.map_batches(
         Moderator, fn_constructor_kwargs={"spec": p.actor}, batch_size=p.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=p.placement.max_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=p.placement.pool_max),
         **p.placement.resources,
     )
     return ds
 
 
 def summarise(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, float], stream_seconds: float,
-              wall_seconds: float) -> dict:
-    """Write ``<output>/stats.parquet`` from the flags as written and the phase ledger, and return
-    its row."""
-    dst = resolve(p.cfg.output, p.cfg.s3_endpoint)
-    flags = dst.join("flags")
-    dst.fs.invalidate_cache()  # the workers wrote; the driver's listing cache has not seen it
-    written = ray.data.read_parquet(flags.path, filesystem=dst.arrow_fs).select_columns(
+              wall_seconds: float, out: RunOutput, started_at: float) -> dict:
+    """Present the run (``RunOutput.commit``: stats.parquet from every row in flags/, then
+    ``_SUCCESS``) and return its stats row."""
+    flags = out.flags
+    flags.fs.invalidate_cache()  # the workers wrote; the driver's listing cache has not seen it
+    written = ray.data.read_parquet(flags.path, filesystem=flags.arrow_fs).select_columns(
         STATS_COLUMNS
-    ) if dst.fs.exists(flags.path) else ray.data.from_arrow(FLAGS_SCHEMA.empty_table())
-    phases = collect(ledger, written.count())
-    info = {**p.info, **phase_columns(phases, operators, stream_seconds, p.placement)}
+    ) if flags.fs.exists(flags.path) and flags.fs.find(flags.path) else ray.data.from_arrow(
+        FLAGS_SCHEMA.empty_table())
+    phases = collect(ledger, written.count() - len(out.done))
+    first = phases["first_output_at"]
+    info = {**p.info, **phase_columns(phases, operators, stream_seconds, p.placement),
+            "resumed_rows": len(out.done),
+            # from the job's start (listing included) to the first model batch's rows: what a
+            # bucket-scale listing costs, and what --input-manifest saves
+            "seconds_to_first_output": first - started_at if first is not None else float("nan")}
     stats = summarize(written, p.actor.macs, p.actor.seconds, info, wall_seconds)
-    with dst.fs.open(dst.join("stats.parquet").path, "wb") as f:
-        pq.write_table(stats, f)
+    out.commit(stats)
     return stats.to_pylist()[0]
 
 
+@contextlib.contextmanager
+def _actor_start_timeout(seconds: float) -> Iterator[None]:
+    """Fail with Ray Data's "Timed out while starting actors" instead of waiting forever for an
+    actor that no node can hold."""
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, int(seconds)
+    try:
+        yield
+    finally:
+        ctx.wait_for_min_actors_s = before
+
+
 def run_moderation(cfg: ModerationConfig) -> dict:
-    """Run the job end to end and return the stats row as a dict."""
+    """Run the job end to end and return the stats row as a dict.
+
+    The output location is claimed first (``RunOutput.open``: another config's results are refused,
+    a missing bucket is an error), and an earlier attempt's rows are skipped, so a re-run after an
+    interruption writes only what is missing.
+    """
     if not ray.is_initialized():
         ray.init()
-    start = time.perf_counter()
-    p = plan(cfg, ray.cluster_resources())
+    start, started_at = time.perf_counter(), time.time()
+    p = plan(cfg, cluster_nodes())
+    out = RunOutput.open(cfg.output, run_config(cfg), cfg.s3_endpoint, overwrite=cfg.overwrite)
     if cfg.measure_time:
         p = p.with_seconds(ray.get(ray.remote(_measure_seconds).options(**p.placement.resources).remote(p)))
     ledger = start_ledger()
     try:
         p = p.with_ledger(ledger)
-        dst = resolve(cfg.output, cfg.s3_endpoint)
         stream_start = time.perf_counter()
-        ds = build(p)
-        with _ordered(cfg.ordered):
-            ds.write_parquet(dst.join("flags").path, filesystem=dst.arrow_fs, mode=SaveMode.OVERWRITE)
+        ds = build(p, out.done)
+        with _ordered(cfg.ordered), _actor_start_timeout(cfg.actor_start_timeout):
+            ds.write_parquet(out.flags.path, filesystem=out.flags.arrow_fs, try_create_dir=False,
+                             min_rows_per_file=cfg.rows_per_file, ray_remote_args=p.placement.task_resources)
         stream_seconds = time.perf_counter() - stream_start
-        return summarise(p, ledger, operator_cpu_seconds(ds), stream_seconds, time.perf_counter() - start)
+        return summarise(p, ledger, operator_cpu_seconds(ds), stream_seconds, time.perf_counter() - start, out,
+                         started_at)
     finally:
         ray.kill(ledger)

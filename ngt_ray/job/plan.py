@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from ngt_ray.grouptesting.algorithms import ALGORITHMS, get_algorithm
 from ngt_ray.grouptesting.cost_table import StageCosts, plan_sizes
 from ngt_ray.job.contracts import ActorSpec
+from ngt_ray.job.placement import Nodes, Placement, actor_placement, cluster_totals
 from ngt_ray.nets.checkpoint import default_screen_model, individual_model_for
 from ngt_ray.nets.model import DESIGNS
 from ngt_ray.nets.profiling import stage_macs
@@ -58,8 +58,11 @@ class ModerationConfig(OnCluster):
     output: str = option(help="folder or fsspec URL for flags/ and stats.parquet")
     input_format: str = option("auto", "input form: auto looks at the first object",
                                choices=("auto", "images", "webdataset", "parquet"))
+    input_manifest: str | None = option(None, "Parquet/CSV of object keys (full URLs, or relative to --input), or "
+                                              "an S3 Inventory manifest.json: read by key, with no listing")
     image_column: str | None = option(None, "Parquet column with image bytes (default: detected)")
-    key_column: str | None = option(None, "Parquet column with a unique key per image (default: detected)")
+    key_column: str | None = option(None, "column with a unique key per image in Parquet input, or the key "
+                                          "column of --input-manifest (default: detected)")
     s3_endpoint: str | None = option(None, "S3 endpoint URL (default: $AWS_ENDPOINT_URL or AWS)")
     design: str = option("tree", "merge design: picks the packaged screen model (ignored with --model)",
                          choices=lambda: list(DESIGNS))
@@ -82,49 +85,20 @@ class ModerationConfig(OnCluster):
                                  "auto: gpu where the cluster has under 8 CPUs per GPU", choices=DECODERS)
     batch_size: int | None = option(None, "images per model call (default: 1024 on GPU, 256 on CPU; "
                                           "512/32 without a screen)")
-    max_actors: int | None = option(None, "model actor pool ceiling (default: actors-per-gpu per GPU, or from "
-                                          "the CPUs)")
+    max_actors: int | None = option(None, "model actor pool ceiling (default: on GPUs none, so the pool grows "
+                                          "as GPU nodes join; on CPUs what the nodes hold beside their "
+                                          "read/decode tasks)")
     actors_per_gpu: int = option(2, "model actors sharing each GPU (one computes while another does its CPU work)")
     stub_models: bool = option(False, "near-zero-compute stand-ins for both models: measures everything but them")
     ordered: bool = option(True, "process blocks in input order, so the same bucket and seed give the same groups "
                                  "and flags on every run (off: never wait on a slow task)")
+    rows_per_file: int = option(4096, "rows per flags file (a hint to Ray Data): the unit of work a re-run after an "
+                                      "interruption keeps")
+    overwrite: bool = option(False, "replace results of another configuration at --output (only once this "
+                                    "run is complete; without it such a run is refused)")
+    actor_start_timeout: float = option(600.0, "seconds to wait for the first model actor to start before failing "
+                                               "with a clear error (an autoscaling cluster may need minutes)")
     extra_info: dict = option({}, cli=False)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Ray resources of one model actor, the pool's ceiling, and torch threads per actor."""
-
-    resources: Mapping[str, float]
-    max_actors: int
-    threads: int
-
-    @property
-    def on_gpu(self) -> bool:
-        return "num_gpus" in self.resources
-
-
-def actor_placement(cluster: Mapping[str, float], device: str = "auto", max_actors: int | None = None,
-                    actors_per_gpu: int = 2) -> Placement:
-    """Where the model actors go, from the cluster's total resources.
-
-    Each actor holds both models, so a candidate is confirmed where it was screened and cleared
-    rows never reach the confirming model. On GPUs, ``actors_per_gpu`` actors share each GPU so
-    one can compute while another does its CPU work (batch assembly, bookkeeping); each reserves
-    one CPU, the rest decode. On CPUs up to three quarters of the cores go to the actors, always
-    leaving one whole core for the read and decode tasks; each actor takes up to 4 cores.
-    """
-    gpus = int(cluster.get("GPU", 0)) if device != "cpu" else 0
-    if device == "cuda" and not gpus:
-        raise RuntimeError("--device cuda was asked for but the cluster has no GPUs")
-    if gpus:
-        per_gpu = max(1, actors_per_gpu)
-        return Placement({"num_gpus": 1 / per_gpu, "num_cpus": 1}, max_actors or gpus * per_gpu, 1)
-    cpus = cluster.get("CPU", 1)
-    share = max(0.5, min(0.75 * cpus, cpus - 1))
-    actor_cpus = max(0.5, min(4.0, share))
-    ceiling = max_actors or max(1, math.floor(share / actor_cpus))
-    return Placement({"num_cpus": actor_cpus}, ceiling, max(1, round(actor_cpus)))
 
 
 # Decode placement, by measurement: on one H200 node with 16 cores, (c) ran 0.65x the plain recipe
@@ -134,9 +108,10 @@ def actor_placement(cluster: Mapping[str, float], device: str = "auto", max_acto
 _CPUS_PER_GPU_FOR_CPU_DECODE = 8
 
 
-def _few_cpus_per_gpu(cluster: Mapping[str, float]) -> bool:
-    gpus = cluster.get("GPU", 0)
-    return bool(gpus) and cluster.get("CPU", 0) / gpus < _CPUS_PER_GPU_FOR_CPU_DECODE
+def _few_cpus_per_gpu(nodes: Nodes) -> bool:
+    totals = cluster_totals(nodes)
+    gpus = totals.get("GPU", 0)
+    return bool(gpus) and totals.get("CPU", 0) / gpus < _CPUS_PER_GPU_FOR_CPU_DECODE
 
 
 @dataclass(frozen=True)
@@ -181,8 +156,10 @@ def _input_root(cfg: ModerationConfig) -> str:
     return loc.uri(loc.path).rstrip("/") + "/"
 
 
-def plan(cfg: ModerationConfig, cluster: Mapping[str, float]) -> JobPlan:
-    """Decide the job for a cluster with ``cluster`` total resources (``{"CPU": 16, "GPU": 1}``)."""
+def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
+    """Decide the job for a cluster of ``nodes``, each node's total resources (``[{"CPU": 16, "GPU": 1}]``;
+    one mapping is one node)."""
+    nodes = [nodes] if isinstance(nodes, Mapping) else list(nodes)
     _validate(cfg)
     individual = not cfg.screen
     model = cfg.model or str(default_screen_model(cfg.design))
@@ -199,12 +176,12 @@ def plan(cfg: ModerationConfig, cluster: Mapping[str, float]) -> JobPlan:
     sizes = plan_sizes(screen_card.calibrated_sizes if auto else k)
     macs = stage_macs(screen_model, individual_model, screen_card.input_size, individual_card.input_size, sizes)
 
-    placement = actor_placement(cluster, cfg.device, cfg.max_actors, cfg.actors_per_gpu)
+    placement = actor_placement(nodes, cfg.device, cfg.max_actors, cfg.actors_per_gpu)
     on_gpu = placement.on_gpu
     # A screen batch holds many groups of the largest size, so a GPU sees large launches; without
     # a screen, a plain model batch.
     batch = cfg.batch_size or ((512 if on_gpu else 32) if individual else (1024 if on_gpu else 256))
-    decode_here = cfg.decode == "gpu" or (cfg.decode == "auto" and on_gpu and _few_cpus_per_gpu(cluster))
+    decode_here = cfg.decode == "gpu" or (cfg.decode == "auto" and on_gpu and _few_cpus_per_gpu(nodes))
     device = "cuda" if on_gpu else "cpu"
     actor = ActorSpec(
         individual_model=individual_stem, screen_model=None if individual else model,

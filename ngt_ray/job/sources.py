@@ -135,40 +135,69 @@ def _pick(names: list[str], wanted: str | None, preferred: tuple[str, ...], what
     raise ValueError(f"cannot tell the {what} column of {where} (columns: {names}); name it with --{what}-column")
 
 
+def _unfinished(batch: dict[str, np.ndarray], skip: frozenset[str]) -> dict[str, np.ndarray]:
+    """The rows of ``batch`` whose uri an earlier attempt of the run has not written yet."""
+    keep = np.array([u not in skip for u in batch["uri"]], dtype=bool)
+    return {name: column[keep] for name, column in batch.items()}
+
+
 def read_source(
     loc: Location,
     fmt: str = "auto",
     *,
     image_column: str | None = None,
     key_column: str | None = None,
+    paths: ray.data.Dataset | None = None,
+    skip: frozenset[str] = frozenset(),
+    task_cpus: float = 1.0,
+    block_rows: int = _OBJECTS_PER_READ,
 ) -> ray.data.Dataset:
-    """A lazy Dataset of ``{"uri": str, "bytes": bytes}`` rows for the objects under ``loc``."""
-    if fmt == "auto":
+    """A lazy Dataset of ``{"uri": str, "bytes": bytes}`` rows for the objects under ``loc``.
+
+    ``paths``: a Dataset of ``{"path": ...}`` rows (from a manifest) read instead of listing ``loc``.
+    ``skip``: uris already written by an earlier attempt of the run (never read again where the
+    uri is an object's, filtered before decode where it is a shard's or a table's sample).
+    ``task_cpus``: CPUs of each read task (see ``ngt_ray.job.placement``).
+    ``block_rows``: listed objects per block at most. A block is what flows to the model actors and
+    the writer as one piece, so it is also the smallest piece of work an interrupted run keeps.
+    """
+    tasks = {"num_cpus": task_cpus}
+    if paths is not None:
+        fmt = "images"
+    elif fmt == "auto":
         fmt = detect_format(loc)
+    per_read = min(block_rows, _OBJECTS_PER_READ)
     if fmt == "images":
-        # Listed once on the driver (as Ray's file readers do), then read in batches: Ray's
-        # read_binary_files builds a one-row table per object, ~200 us of CPU each.
-        paths = list_objects(loc)
-        ds = ray.data.from_items([{"path": p} for p in paths],
-                                 override_num_blocks=max(1, -(-len(paths) // _OBJECTS_PER_READ)))
-        return ds.map_batches(_read_objects, fn_kwargs={"loc": loc}, batch_size=_OBJECTS_PER_READ,
-                              batch_format="numpy")
+        if paths is None:
+            # Listed once on the driver (as Ray's file readers do), then read in batches: Ray's
+            # read_binary_files builds a one-row table per object, ~200 us of CPU each.
+            listed = [p for p in list_objects(loc) if loc.uri(p) not in skip]
+            paths = ray.data.from_items([{"path": p} for p in listed],
+                                        override_num_blocks=max(1, -(-len(listed) // per_read)))
+        elif skip:
+            paths = paths.filter(lambda row: loc.uri(row["path"]) not in skip)
+        return paths.map_batches(_read_objects, fn_kwargs={"loc": loc}, batch_size=per_read,
+                                 batch_format="numpy", **tasks)
     if fmt == "webdataset":
         ds = ray.data.read_binary_files(
-            loc.path, include_paths=True, filesystem=loc.arrow_fs, file_extensions=["tar"]
+            loc.path, include_paths=True, filesystem=loc.arrow_fs, file_extensions=["tar"], num_cpus=task_cpus
         )
-        return ds.map_batches(_expand_tar_shards, fn_kwargs={"loc": loc}, batch_size=1, batch_format="numpy")
-    if fmt == "parquet":
+        ds = ds.map_batches(_expand_tar_shards, fn_kwargs={"loc": loc}, batch_size=1, batch_format="numpy", **tasks)
+    elif fmt == "parquet":
         first = _first_object(loc, ".parquet")
         schema = pq.read_schema(first, filesystem=loc.arrow_fs)
         image = _pick(schema.names, image_column, _IMAGE_COLUMNS, "image", loc.uri(first))
         key = _pick(schema.names, key_column, _KEY_COLUMNS, "key", loc.uri(first))
-        ds = ray.data.read_parquet(loc.path, filesystem=loc.arrow_fs, include_paths=True).select_columns(
-            [key, image, "path"])
+        ds = ray.data.read_parquet(loc.path, filesystem=loc.arrow_fs, include_paths=True,
+                                   num_cpus=task_cpus).select_columns([key, image, "path"])
 
         def to_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             uris = [f"{loc.uri(p)}#{k}" for p, k in zip(batch["path"], batch[key])]
             return {"uri": np.array(uris, dtype=object), "bytes": batch[image]}
 
-        return ds.map_batches(to_rows, batch_format="numpy")
-    raise ValueError(f"input format must be one of {('auto', *FORMATS)}, got {fmt!r}")
+        ds = ds.map_batches(to_rows, batch_format="numpy", **tasks)
+    else:
+        raise ValueError(f"input format must be one of {('auto', *FORMATS)}, got {fmt!r}")
+    if skip:
+        ds = ds.map_batches(_unfinished, fn_kwargs={"skip": skip}, batch_format="numpy", **tasks)
+    return ds

@@ -69,7 +69,10 @@ def phase_columns(phases: dict, operators: dict[str, float], stream_seconds: flo
                  # overlapping actors on one GPU each bracket their own phases: capped at the whole stream
                  "device_busy_share": min(1.0, phases["device_seconds"] / (stream_seconds * devices))
                  if stream_seconds else 0.0,
-                 "model_batches": phases["batches"], "top_phases": top_phases(phases["wall"])}
+                 "model_batches": phases["batches"], "top_phases": top_phases(phases["wall"]),
+                 # how many nodes the model actors and the decode tasks ran on
+                 "model_nodes": len(phases["nodes"]["model"]), "decode_nodes": len(phases["nodes"]["decode_tasks"]),
+                 "nodes": len(set(phases["nodes"]["model"]) | set(phases["nodes"]["decode_tasks"]))}
     for name in PHASES:
         row[f"seconds_{name}"] = phases["wall"][name]
         row[f"cpu_seconds_{name}"] = phases["cpu"][name]
@@ -124,7 +127,8 @@ def summarize(flags: ray.data.Dataset, macs: StageCosts, seconds: StageCosts | N
         "time_saving": 1.0 - totals["compute_seconds"] / baseline_seconds if timed else math.nan,
         "timing_device": seconds.device if seconds else "",
         "wall_seconds": wall_seconds,
-        "images_per_second": images / wall_seconds if wall_seconds > 0 else 0.0,
+        # this attempt's rows: a resumed run skips those an earlier attempt wrote
+        "images_per_second": (images - info.get("resumed_rows", 0)) / wall_seconds if wall_seconds > 0 else 0.0,
         **{k: v for k, v in info.items() if k != "group_size"},
     }
     return pa.Table.from_pylist([row])

@@ -39,6 +39,7 @@ from PIL import Image
 from ngt_ray.grouptesting.buckets import plant
 from ngt_ray.job.phases import OPERATOR_STAGES, operator_cpu_seconds
 from ngt_ray.job.pipeline import ModerationConfig, actor_placement, run_moderation
+from ngt_ray.job.placement import cluster_nodes
 from ngt_ray.job.plan import DECODERS, OnCluster
 from ngt_ray.job.stages import ModelActor
 from ngt_ray.nets.checkpoint import get_model, load_checkpoint
@@ -128,13 +129,13 @@ class _PlainClassifier(ModelActor):
 def _plain(bucket: str, out: Path, cfg: BenchmarkConfig, on_gpu: bool) -> dict[str, float]:
     """(a), with the resources ngt-ray gives its model actors in (b), so only the input path differs."""
     size = load_checkpoint(_INDIVIDUAL)[1].input_size
-    placement = actor_placement(ray.cluster_resources(), "cuda" if on_gpu else "cpu",
+    placement = actor_placement(cluster_nodes(), "cuda" if on_gpu else "cpu",
                                 actors_per_gpu=cfg.actors_per_gpu)
     ds = ray.data.read_images(bucket, size=(size, size), mode="RGB", include_paths=True)
     ds = ds.map_batches(_PlainClassifier, fn_constructor_kwargs={
         "model_path": str(_INDIVIDUAL), "device": "cuda" if on_gpu else "cpu",
         "threads": placement.threads, "runtime": cfg.runtime, "stub": cfg.stub_models},
-        batch_size=512 if on_gpu else 32, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=placement.max_actors),
+        batch_size=512 if on_gpu else 32, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=placement.pool_max),
         batch_format="numpy", **placement.resources)
     ds.write_parquet(str(out))
     ops = operator_cpu_seconds(ds)
@@ -225,7 +226,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
 
     common = {"ray_address": cfg.ray_address, "device": "cuda" if on_gpu else "cpu", "runtime": cfg.runtime,
               "decode": cfg.decode, "measure_time": False, "seed": cfg.seed, "stub_models": cfg.stub_models,
-              "actors_per_gpu": cfg.actors_per_gpu, "model": str(_SCREEN), "individual_model": str(_INDIVIDUAL)}
+              "actors_per_gpu": cfg.actors_per_gpu, "model": str(_SCREEN), "individual_model": str(_INDIVIDUAL),
+              "overwrite": True}  # a re-run in the same --workdir measures again, never resumes
     timed("plain", lambda: _plain(bucket, workdir / "plain", cfg, on_gpu))
     timed("individual", lambda: _compact(run_moderation(ModerationConfig(
         input=bucket, output=str(workdir / "individual"), screen=False, **common))))
