@@ -1,4 +1,5 @@
-"""``ngt-ray``: moderate a bucket; train, calibrate, compress and evaluate the models; benchmark; demo.
+"""``ngt-ray``: moderate a bucket; train, calibrate, compress and evaluate the models; benchmark; demo; submit
+any of moderate, train, evaluate and benchmark to a Ray cluster as a job, and follow, list or stop it.
 
 Every subcommand's options are generated from its config dataclass (``ngt_ray.options``): help,
 choices and defaults are declared once, on the config.
@@ -13,6 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ngt_ray.cluster.connect import ClusterError, OnDashboard
+from ngt_ray.cluster.jobs import JobConfig, LogsConfig
+from ngt_ray.cluster.submit import EPILOG as SUBMIT_EPILOG
+from ngt_ray.cluster.submit import SUBMITTABLE, SubmitConfig
 from ngt_ray.job.plan import ModerationConfig
 from ngt_ray.options import add_options, from_args
 from ngt_ray.tools.benchmark import BenchmarkConfig
@@ -128,6 +133,36 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from ngt_ray.cluster.submit import submit
+
+    return submit(from_args(SubmitConfig, args))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ngt_ray.cluster.jobs import status
+
+    return status(from_args(JobConfig, args))
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from ngt_ray.cluster.jobs import logs
+
+    return logs(from_args(LogsConfig, args))
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from ngt_ray.cluster.jobs import stop
+
+    return stop(from_args(JobConfig, args))
+
+
+def _list(args: argparse.Namespace) -> int:
+    from ngt_ray.cluster.jobs import list_jobs
+
+    return list_jobs(from_args(OnDashboard, args))
+
+
 _COMMANDS = (
     # name, help, handler, configs (with the fields they leave to others)
     ("moderate", "flag rare harmful images in a bucket with group testing", _moderate, [(ModerationConfig, ())]),
@@ -142,7 +177,23 @@ _COMMANDS = (
      [(BenchmarkConfig, ())]),
     ("demo", "plant positives in a local bucket of real photos and moderate it", _demo,
      [(DemoConfig, ()), (ModerationConfig, _DEMO_SKIPS)]),
+    ("submit", f"run {', '.join(SUBMITTABLE)} as a job on a Ray cluster: submit [options] <verb> <its options>",
+     _submit, [(SubmitConfig, ())]),
+    ("status", "a submitted job's status", _status, [(JobConfig, ())]),
+    ("logs", "a submitted job's logs", _logs, [(LogsConfig, ())]),
+    ("stop", "stop a submitted job and wait until it has stopped", _stop, [(JobConfig, ())]),
+    ("list", "the jobs submitted to a cluster", _list, [(OnDashboard, ())]),
 )
+
+# Positional arguments, each read into the config field of its name (fields with cli=False). They
+# are optional to argparse so that a missing one gets the handler's message, which says what to give.
+_JOB_ID = ("job_id", {"nargs": "?", "metavar": "ID", "help": "the job's submission id"})
+_POSITIONALS = {
+    "submit": [("verb", {"nargs": "?", "help": f"one of {', '.join(SUBMITTABLE)}"}),
+               ("verb_args", {"nargs": argparse.REMAINDER, "help": "the verb's options, as it takes them here"})],
+    "status": [_JOB_ID], "logs": [_JOB_ID], "stop": [_JOB_ID],
+}
+_EPILOGS = {"submit": SUBMIT_EPILOG}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, handler, configs in _COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOGS.get(name))
         for config, skip in configs:
             add_options(p, config, skip=skip)
+        for dest, kwargs in _POSITIONALS.get(name, ()):
+            p.add_argument(dest, **kwargs)
         p.set_defaults(func=handler)
     return parser
 
@@ -162,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     chatty = args.verbose or args.command in ("train", "compress", "benchmark")
     logging.basicConfig(level=logging.INFO if chatty else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ClusterError as exc:
+        print(f"ngt-ray {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
