@@ -26,7 +26,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 # A test that uses any of these is end to end (Ray, real photos, a real S3 server); the rest are
 # unit tests: no Ray, no photos, seconds.
-_E2E_FIXTURES = {"ray_local", "caltech", "planted", "s3_server", "real_scenes"}
+_E2E_FIXTURES = {"ray_local", "caltech", "planted", "s3_server", "real_scenes", "ray_head_cluster"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -133,3 +133,140 @@ def s3_server(tmp_path_factory):
     yield {"endpoint": f"http://127.0.0.1:{port}", "root": root}
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (held open together, so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _ray_start(ray: Path, args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """``ray start --block`` in its own session: its node's processes are its children, and a SIGTERM
+    stops them all; the session's process group catches any it leaves behind."""
+    with log.open("w") as out:
+        return subprocess.Popen([str(ray), "start", "--block", "--disable-usage-stats", *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop_node(proc: subprocess.Popen) -> None:
+    import contextlib
+    import signal
+
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):  # the group outlives its leader while a child lives
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def _stop_stragglers(marker: str, timeout: float = 10) -> None:
+    """Kill what outlived its node and carries ``marker`` in its environment: a job's driver and workers
+    run in sessions of their own (Linux: read from /proc)."""
+    import contextlib
+    import signal
+
+    def alive() -> list[int]:
+        pids = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            with contextlib.suppress(OSError):  # gone, or not ours to read
+                if marker.encode() in environ.read_bytes().split(b"\0") and int(environ.parent.name) != os.getpid():
+                    pids.append(int(environ.parent.name))
+        return pids
+
+    deadline = time.monotonic() + timeout
+    while (pids := alive()) and time.monotonic() < deadline:  # they exit once their raylet has
+        time.sleep(0.5)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def ray_head_cluster(tmp_path_factory):
+    """A real two-node Ray cluster on loopback, started as an operator starts one: ``ray start --head``
+    (2 CPUs; the dashboard, whose Jobs API the tests talk to) and ``ray start --address`` (1 CPU),
+    with token auth on. Its nodes hold the test S3 keys in their environment, as a cluster's nodes
+    hold an identity, and the venv's bin/ leads their PATH, as an activated environment would.
+    Yields the dashboard URL, the token and the node ids; every process it started is stopped."""
+    import secrets
+
+    import requests
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    root = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths live below it
+    token = secrets.token_hex(32)
+    venv_bin = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{venv_bin}{os.pathsep}{env['PATH']}",
+               # nowhere to drain to: Ray Data's detached actors would hold a SIGTERMed head for 30 s
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    gcs, dashboard, client, *agents = _free_ports(11)
+    url, headers = f"http://127.0.0.1:{dashboard}", {"Authorization": f"Bearer {token}"}
+
+    def node_ports(a: list[int]) -> list[str]:  # every fixed-by-default port, free, so two nodes fit one host
+        return [f"--dashboard-agent-listen-port={a[0]}", f"--dashboard-agent-grpc-port={a[1]}",
+                f"--metrics-export-port={a[2]}", f"--runtime-env-agent-port={a[3]}"]
+
+    common = ["--node-ip-address=127.0.0.1", "--num-gpus=0"]
+    head = _ray_start(venv_bin / "ray", [
+        "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}", f"--temp-dir={root / 'h'}", "--num-cpus=2", *common,
+        *node_ports(agents[:4])], env, root / "head.log")
+    nodes: list[subprocess.Popen] = [head]
+
+    def wait_for(what: str, ready, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            dead = [p for p in nodes if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                logs = "\n".join(log.read_text()[-1500:] for log in root.glob("*.log"))
+                for p in reversed(nodes):
+                    _stop_node(p)
+                pytest.fail(f"the Ray cluster did not come up ({what}):\n{logs}")
+            time.sleep(0.5)
+
+    def answers() -> bool:
+        try:
+            return requests.get(f"{url}/api/version", headers=headers, timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for("the head's dashboard", answers)
+        nodes.append(_ray_start(venv_bin / "ray", [
+            f"--address=127.0.0.1:{gcs}", f"--temp-dir={root / 'w'}", "--num-cpus=1", *common,
+            *node_ports(agents[4:8])], env, root / "worker.log"))
+        state = StateApiClient(address=url, headers=headers)
+
+        def alive() -> list[str]:
+            listed = state.list(StateResource.NODES, options=ListApiOptions(filters=[("state", "=", "ALIVE")]),
+                                raise_on_missing_output=False)
+            return [n.node_id for n in listed]
+
+        wait_for("the worker node joining", lambda: len(alive()) == 2)
+        yield {"address": url, "token": token, "nodes": alive(), "root": root}
+    finally:
+        try:
+            jobs = JobSubmissionClient(url, headers=headers)
+            for job in jobs.list_jobs():
+                if job.submission_id and not job.status.is_terminal():
+                    jobs.stop_job(job.submission_id)
+            deadline = time.monotonic() + 30
+            while any(not j.status.is_terminal() for j in jobs.list_jobs() if j.submission_id) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
+        except Exception:  # a cluster that never came up has no jobs
+            pass
+        for p in reversed(nodes):
+            _stop_node(p)
+        _stop_stragglers(f"RAY_AUTH_TOKEN={token}")  # the token is this cluster's alone
