@@ -31,9 +31,11 @@ def bucket(caltech, s3_server) -> dict:
     fs = s3fs.S3FileSystem(endpoint_url=s3_server["endpoint"])
     fs.mkdir("submit-in")
     fs.mkdir("submit-out")
-    fs.put([str(p) for p in photos], "submit-in/photos/")
+    keys = [f"submit-in/photos/{p.parent.name}-{p.name}" for p in photos]  # the classes share file names
+    fs.put([str(p) for p in photos], keys)
+    assert len(fs.ls("submit-in/photos")) == _PER_CLASS * len(_CLASSES)
     return {"fs": fs, "endpoint": s3_server["endpoint"], "input": "s3://submit-in/photos",
-            "uris": {f"s3://submit-in/photos/{p.name}" for p in photos}}
+            "uris": {f"s3://{key}" for key in keys}}
 
 
 def _submitted_id(out: str) -> str:
