@@ -12,6 +12,7 @@ container pulled on the node, whereas a KubeRay or ``ray up`` cluster built from
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from pathlib import Path
@@ -28,6 +29,7 @@ EXCLUDES = (
     ".devbundle", ".gpudata", ".aside", "/build/", "/dist/", "/out/", "/docs/evaluation/", "*.csv",
     "*.pt", "!/ngt_ray/checkpoints/*.pt",
 )
+log = logging.getLogger(__name__)
 _MIB = 2**20
 _NAMED = 5  # biggest files the size error names
 
@@ -58,7 +60,7 @@ def packaged_files(root: Path, excludes: tuple[str, ...] = EXCLUDES) -> list[tup
             files.append((path, path.stat().st_size))
 
     include_gitignore = os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"  # as the job client decides
-    _dir_travel(root, [_get_excludes(root, list(excludes))], add, include_gitignore=include_gitignore)
+    _dir_travel(root, [_get_excludes(root, list(excludes))], add, include_gitignore=include_gitignore, logger=log)
     return files
 
 

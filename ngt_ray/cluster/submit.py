@@ -8,6 +8,7 @@ before the upload. Credentials stay out of the job: see ``ngt_ray.cluster``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -28,6 +29,8 @@ _WHY_NOT = {
     "calibrate": "it rewrites a checkpoint of this checkout, of which a job has only a temporary copy; run it here",
     "compress": "it writes a checkpoint into this checkout, of which a job has only a temporary copy; run it here",
 }
+# the verbs' options that name data to read or write, as opposed to the project's own files
+_PATHS = ("input", "input_manifest", "manifest", "output")
 # environment variables that hold keys; they stay on this machine
 _CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 EPILOG = ("Keys in this environment (AWS_*) are not sent with the job: a runtime_env's env_vars are stored in "
@@ -85,7 +88,8 @@ def _is_relative(path: str | Path | None) -> bool:
 
 def _check_paths(verb: str, args: argparse.Namespace) -> None:
     """A relative path would resolve in the job's temporary copy of the project, on the node that runs the verb."""
-    relative = [f"--{name} {value}" for name in ("input", "output") if _is_relative(value := getattr(args, name, None))]
+    given = {name: getattr(args, name, None) for name in _PATHS}
+    relative = [f"--{name.replace('_', '-')} {value}" for name, value in given.items() if _is_relative(value)]
     if not relative:
         return
     message = (f"{' and '.join(relative)} would resolve inside the job's temporary copy of the project on the "
@@ -114,6 +118,8 @@ def submit(cfg: SubmitConfig) -> int:
     client = connect(cfg.address)
     if "working_dir" in env:
         print(f"packaging {env['working_dir']} as the job's working_dir ...", file=sys.stderr)
+        if not logging.getLogger().isEnabledFor(logging.INFO):  # Ray notes each ignore file as it zips; -v shows them
+            logging.getLogger("ray._private.runtime_env").setLevel(logging.WARNING)
     metadata = {"ngt_ray_verb": verb, **({"image": cfg.image} if cfg.image else {})}
     try:
         job_id = client.submit_job(
