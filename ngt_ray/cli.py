@@ -30,19 +30,21 @@ from ngt_ray.tools.train import TrainConfig
 __all__ = ["build_parser", "main"]
 
 # the demo makes its own bucket and output folder
-_DEMO_SKIPS = ("input", "output", "input_format", "image_column", "key_column", "s3_endpoint")
+_DEMO_SKIPS = ("input", "output", "input_format", "image_column", "key_column", "s3_endpoint", "input_manifest",
+               "overwrite")
 
 
 def _print_summary(stats: dict, output: str) -> None:
     timing = f", time saving {stats['time_saving']:.1%}" if stats["time_saving"] == stats["time_saving"] else ""
     screened_some = stats["design"] != "none"
     unscreened = f" ({stats['unscreened']} confirmed unscreened)" if stats["unscreened"] and screened_some else ""
+    resumed = f" ({stats['resumed_rows']} kept from an earlier attempt)" if stats.get("resumed_rows") else ""
     print(
-        f"\n{stats['images']} images, {stats['errors']} errors, {stats['flagged']} flagged; "
+        f"\n{stats['images']} images{resumed}, {stats['errors']} errors, {stats['flagged']} flagged; "
         f"{stats['algorithm']}, {stats['design']} merge: {stats['group_tests']} group tests "
         f"(first round {stats['first_round_groups']} of {stats['mean_group_size']:.1f}) + {stats['retests']} "
         f"confirmations{unscreened}; compute saving {stats['compute_saving']:.1%}{timing}; "
-        f"{stats['images_per_second']:.1f} images/s\n"
+        f"{stats['images_per_second']:.1f} images/s on {stats.get('nodes', 1)} node(s)\n"
         f"time: {stats['top_phases'] or 'no phases recorded'} of the actors' time; model phases held the "
         f"{stats['device']} {stats['device_busy_share']:.0%} of the stream's {stats['stream_seconds']:.1f} s "
         f"(an upper bound on busy)\n"
@@ -123,7 +125,8 @@ def _demo(args: argparse.Namespace) -> int:
                           seed=args.seed, manifest=demo.manifest, paste=demo.paste)
     print(f"bucket: {bucket.count} photos at {bucket.root}, {len(bucket.positives)} planted positives")
     output = str(work / "results")
-    cfg = from_args(ModerationConfig, args, input=str(bucket.root), output=output)
+    # the bucket was just rebuilt: its earlier results (same folder, same config) no longer apply
+    cfg = from_args(ModerationConfig, args, input=str(bucket.root), output=output, overwrite=True)
     _init_ray(cfg.ray_address)
     stats = run_moderation(cfg)
     recall, hits = recall_of(Path(output) / "flags", bucket.positives)
