@@ -139,7 +139,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from ngt_ray.cluster.submit import submit
 
-    return submit(from_args(SubmitConfig, args))
+    return submit(from_args(SubmitConfig, args), build_parser().parse_args)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,12 +76,6 @@ def _check_verb(verb: str | None) -> str:
     raise ClusterError(f"{verb!r} cannot be submitted ({reason}); a job runs one of {', '.join(SUBMITTABLE)}")
 
 
-def _parse_here(verb: str, verb_args: Sequence[str]) -> argparse.Namespace:
-    from ngt_ray.cli import build_parser  # the cli imports this module
-
-    return build_parser().parse_args([verb, *verb_args])
-
-
 def _is_relative(path: str | Path | None) -> bool:
     return path is not None and "://" not in str(path) and not Path(path).is_absolute()
 
@@ -106,10 +100,14 @@ def _landing(verb: str, args: argparse.Namespace) -> str | None:
     return f"flags: {out}/flags/   stats: {out}/stats.parquet"
 
 
-def submit(cfg: SubmitConfig) -> int:
-    """Submit ``cfg.verb``; with ``cfg.wait``, follow it: 0 when it succeeded, 1 when it did not."""
+def submit(cfg: SubmitConfig, parse: Callable[[list[str]], argparse.Namespace]) -> int:
+    """Submit ``cfg.verb``; with ``cfg.wait``, follow it: 0 when it succeeded, 1 when it did not.
+
+    ``parse`` is the command line's own parser (``ngt-ray <verb> <args>``), handed in by the CLI
+    that sits above this module: the verb's arguments fail here, before anything is uploaded.
+    """
     verb = _check_verb(cfg.verb)
-    args = _parse_here(verb, cfg.verb_args)
+    args = parse([verb, *cfg.verb_args])
     _check_paths(verb, args)
     env = runtime_env(cfg.working_dir, cfg.image, cfg.pip)
     if held := [name for name in _CREDENTIALS if os.environ.get(name)]:
