@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.csv as pacsv
 import ray.data
 
+from ngt_ray.job.sources import pick_column
 from ngt_ray.storage import Location, resolve
 
 __all__ = ["manifest_paths"]
@@ -41,17 +42,6 @@ def _inventory(manifest: Location) -> tuple[list[str], str, list[str] | None]:
     if fmt not in ("csv", "parquet"):
         raise ValueError(f"S3 Inventory format {report['fileFormat']!r} is not supported (use CSV or Parquet)")
     return files, fmt, names
-
-
-def _key_column(names: list[str], wanted: str | None, where: str) -> str:
-    if wanted:
-        if wanted not in names:
-            raise ValueError(f"key column {wanted!r} is not in {where} (columns: {names})")
-        return wanted
-    for name in _KEY_COLUMNS:
-        if name in names:
-            return name
-    raise ValueError(f"cannot tell the key column of {where} (columns: {names}); name it with --key-column")
 
 
 def _to_paths(batch: dict[str, np.ndarray], key: str, base: Location, bucket: str | None) -> dict[str, np.ndarray]:
@@ -83,16 +73,17 @@ def manifest_paths(manifest_url: str, base: Location, *, key_column: str | None 
             ds = ray.data.read_csv(files, filesystem=manifest.arrow_fs, num_cpus=task_cpus,
                                    read_options=pacsv.ReadOptions(column_names=names),
                                    convert_options=pacsv.ConvertOptions(column_types={n: "string" for n in names}))
-            key, bucket = _key_column(names, key_column or "Key", manifest.url), "Bucket"
+            key, bucket = pick_column(names, key_column or "Key", _KEY_COLUMNS, "key", manifest.url), "Bucket"
         else:
             ds = ray.data.read_parquet(files, filesystem=manifest.arrow_fs, num_cpus=task_cpus)
-            key, bucket = _key_column(ds.schema().names, key_column or "key", manifest.url), "bucket"
+            key = pick_column(ds.schema().names, key_column or "key", _KEY_COLUMNS, "key", manifest.url)
+            bucket = "bucket"
     elif name.endswith((".csv", ".csv.gz")):
         ds = ray.data.read_csv(manifest.path, filesystem=manifest.arrow_fs, num_cpus=task_cpus)
-        key = _key_column(ds.schema().names, key_column, manifest.url)
+        key = pick_column(ds.schema().names, key_column, _KEY_COLUMNS, "key", manifest.url)
     elif name.endswith(".parquet") or manifest.fs.isdir(manifest.path):
         ds = ray.data.read_parquet(manifest.path, filesystem=manifest.arrow_fs, num_cpus=task_cpus)
-        key = _key_column(ds.schema().names, key_column, manifest.url)
+        key = pick_column(ds.schema().names, key_column, _KEY_COLUMNS, "key", manifest.url)
     else:
         raise ValueError(f"--input-manifest must be a .parquet or .csv file of keys, or an S3 Inventory "
                          f"manifest.json; got {manifest.url}")

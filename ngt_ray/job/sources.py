@@ -18,7 +18,7 @@ import ray.data
 
 from ngt_ray.storage import Location
 
-__all__ = ["FORMATS", "IMAGE_SUFFIXES", "detect_format", "list_objects", "read_source"]
+__all__ = ["FORMATS", "IMAGE_SUFFIXES", "detect_format", "list_objects", "pick_column", "read_source"]
 
 FORMATS = ("images", "webdataset", "parquet")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
@@ -124,7 +124,8 @@ def _expand_tar_shards(batch: dict[str, np.ndarray], loc: Location) -> dict[str,
     return {"uri": np.array(uris, dtype=object), "bytes": np.array(blobs, dtype=object)}
 
 
-def _pick(names: list[str], wanted: str | None, preferred: tuple[str, ...], what: str, where: str) -> str:
+def pick_column(names: list[str], wanted: str | None, preferred: tuple[str, ...], what: str, where: str) -> str:
+    """``wanted`` if ``where`` has it, else the first of ``preferred`` it has; errors say which option names it."""
     if wanted:
         if wanted not in names:
             raise ValueError(f"{what} column {wanted!r} is not in {where} (columns: {names})")
@@ -186,8 +187,8 @@ def read_source(
     elif fmt == "parquet":
         first = _first_object(loc, ".parquet")
         schema = pq.read_schema(first, filesystem=loc.arrow_fs)
-        image = _pick(schema.names, image_column, _IMAGE_COLUMNS, "image", loc.uri(first))
-        key = _pick(schema.names, key_column, _KEY_COLUMNS, "key", loc.uri(first))
+        image = pick_column(schema.names, image_column, _IMAGE_COLUMNS, "image", loc.uri(first))
+        key = pick_column(schema.names, key_column, _KEY_COLUMNS, "key", loc.uri(first))
         ds = ray.data.read_parquet(loc.path, filesystem=loc.arrow_fs, include_paths=True,
                                    num_cpus=task_cpus).select_columns([key, image, "path"])
 
