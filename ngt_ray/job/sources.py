@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray.data
 
+from ngt_ray.job.fetch import fetch
 from ngt_ray.storage import Location
 
 __all__ = ["FORMATS", "IMAGE_SUFFIXES", "detect_format", "list_objects", "pick_column", "read_source"]
@@ -66,28 +67,23 @@ def list_objects(loc: Location) -> list[str]:
 
 
 def _read_objects(batch: dict[str, np.ndarray], loc: Location) -> dict[str, np.ndarray]:
-    """``(uri, bytes, error)`` rows for a batch of object paths.
+    """``(uri, bytes, error, read_attempts)`` rows for a batch of object paths.
 
-    One ``cat`` call per batch: on object stores fsspec fetches the objects concurrently, where a
-    reader that opens one object after another would wait out a round trip each. An object that
-    cannot be read (vanished since the listing, forbidden) becomes a row with no bytes and the
-    reason, never a failed block.
+    ``ngt_ray.job.fetch`` reads them concurrently, retries transient failures with backoff, and
+    classifies the rest: an object that cannot be read (vanished since the listing, forbidden,
+    failing after every attempt) becomes a row with no bytes and the reason, never a failed block;
+    a bucket or store that cannot be read stops the run (``StorageError``). A ``size`` column, where
+    the listing gives one, lets a short read count as a truncated body. ``read_attempts`` is for
+    logs and stats; the flags ignore it.
     """
     paths = [str(p) for p in batch["path"]]
-    got = loc.fs.cat(paths, on_error="return") if len(paths) > 1 else {}
-    blobs, errors = [], []
-    for path in paths:
-        value = got.get(path) if got else None
-        if value is None or isinstance(value, BaseException):
-            try:  # a single object, or one the batched call could not name: read it alone
-                value = loc.fs.cat_file(path)
-            except (OSError, ValueError) as exc:
-                value = exc
-        ok = isinstance(value, bytes)
-        blobs.append(value if ok else b"")
-        errors.append("" if ok else f"read failed: {type(value).__name__}: {value}"[:500])
+    sizes = [int(s) if s is not None and s >= 0 else None for s in batch["size"]] if "size" in batch else None
+    got = fetch(loc.fs, paths, sizes=sizes)
+    blobs = [value if isinstance(value, bytes) else b"" for value in got.results]
+    errors = ["" if isinstance(value, bytes) else str(value) for value in got.results]
     return {"uri": np.array([loc.uri(p) for p in paths], dtype=object),
-            "bytes": np.array(blobs, dtype=object), "error": np.array(errors, dtype=object)}
+            "bytes": np.array(blobs, dtype=object), "error": np.array(errors, dtype=object),
+            "read_attempts": np.array(got.attempts, dtype=np.int16)}
 
 
 def _expand_tar_shards(batch: dict[str, np.ndarray], loc: Location) -> dict[str, np.ndarray]:

@@ -1,0 +1,273 @@
+"""Reading whole objects with one layer of retries, counted, and errors that keep their kind.
+
+Why not the filesystem's own retries: on S3, botocore retries inside s3fs's retries (one SlowDown
+object took 25 GETs and 39 s; a reset 10 GETs), nobody can count them, and a truncated body, a
+reset and a refused connection all end as differently-shaped exceptions. Here the S3 client makes
+one attempt per read, and ``fetch`` owns the loop:
+
+* every object is read concurrently in one call (``cat_ranges``: no glob expansion of keys, no
+  HEAD before each GET), then the transient failures are read again, together, after a backoff
+  with jitter; at most ``RetryPolicy.attempts`` attempts, so a batch waits seconds, not minutes;
+* transient: throttling (SlowDown, 503, 429), other 5xx, resets, timeouts, truncated bodies (the
+  client checks Content-Length; against listed sizes too, where the caller has them);
+* an object that still fails, or fails for good (NoSuchKey, AccessDenied on that object, not a
+  regular file), is a :class:`FetchError`: its row says "read failed after N attempts: <reason>";
+* a bucket that cannot be read (no such bucket, bad credentials, every object denied) or a store
+  that cannot be reached or fails every read of a batch raises :class:`StorageError`: the run stops
+  rather than record readable objects as failed, and the same command resumes it (a written error
+  row is final: a resumed run skips it).
+
+Messages name the object and the cause, with no memory addresses, query strings or credentials.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+import botocore.exceptions as boto
+import fsspec
+from botocore.parsers import ResponseParserError
+from fsspec.exceptions import FSTimeoutError
+
+__all__ = ["BucketError", "FetchError", "Fetched", "RetryPolicy", "StorageError", "StorageUnavailable", "classify",
+           "fetch", "single_attempt_client"]
+
+log = logging.getLogger(__name__)
+
+# What a failed read is: retried (TRANSIENT, UNREACHABLE) or not (OBJECT, BUCKET).
+TRANSIENT, UNREACHABLE, OBJECT, BUCKET = "transient", "unreachable", "object", "bucket"
+
+# S3 error codes that concern the bucket or the credentials, never one object.
+_BUCKET_CODES = {"NoSuchBucket", "InvalidBucketName", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                 "AllAccessDisabled", "AccountProblem", "InvalidToken", "ExpiredToken", "TokenRefreshRequired"}
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                    "RequestTimeout", "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError",
+                    "XAmzContentSHA256Mismatch", "BadDigest"}
+
+
+class StorageError(RuntimeError):
+    """The run cannot go on reading this input (raised from a read task; the run stops)."""
+
+
+class BucketError(StorageError):
+    """The bucket itself refuses: no such bucket, bad credentials, every object of a batch denied."""
+
+
+class StorageUnavailable(StorageError):
+    """The store cannot be reached, or failed every read of a batch after every attempt."""
+
+
+class TruncatedBody(OSError):
+    """Fewer (or more) bytes arrived than the object's listed size."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts per object, and the backoff between rounds: ``base * 2**(round - 1)``, at most ``cap``,
+    of which a random half (equal jitter: readers that failed together do not retry together).
+    The defaults wait 7.5 s at most over 5 attempts (at least half that)."""
+
+    attempts: int = 5
+    base: float = 0.5
+    cap: float = 8.0
+
+    def backoff(self, round_: int, rng: random.Random) -> float:
+        step = min(self.cap, self.base * 2 ** (round_ - 1))
+        return step / 2 + rng.uniform(0, step / 2)
+
+
+@dataclass(frozen=True)
+class FetchError:
+    """Why one object could not be read; ``str()`` is its row's error."""
+
+    uri: str
+    kind: str  # TRANSIENT or UNREACHABLE (gave up after every attempt), OBJECT or BUCKET (not retried)
+    code: str  # the S3 error code, or what happened: ConnectionReset, ReadTimeout, TruncatedBody, ...
+    reason: str
+    attempts: int
+
+    def __str__(self) -> str:
+        return f"read failed after {self.attempts} attempt{'s' if self.attempts > 1 else ''}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """Per object, in the order asked: its bytes or its :class:`FetchError`, and the attempts it took."""
+
+    results: list[bytes | FetchError]
+    attempts: list[int]
+    seconds: float
+
+    @property
+    def retries(self) -> int:
+        return sum(self.attempts) - len(self.attempts)
+
+    @property
+    def errors(self) -> list[FetchError]:
+        return [r for r in self.results if isinstance(r, FetchError)]
+
+
+def single_attempt_client(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
+    """The same filesystem making one attempt per read (S3: no botocore or s3fs retries, and no HEAD
+    before each GET, which s3fs sends to decide on a chunked read); other filesystems as they are."""
+    import s3fs
+
+    if not isinstance(fs, s3fs.S3FileSystem):
+        return fs
+    options = dict(fs.storage_options)
+    config = {**options.get("config_kwargs", {}), "retries": {"total_max_attempts": 1, "mode": "standard"}}
+    client = type(fs)(**{**options, "config_kwargs": config, "max_concurrency": 1}, skip_instance_cache=True)
+    client.retries = 1  # s3fs's own loop around each call
+    return client
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+_ADDRESS = re.compile(r"<([^<>]*?) (?:object )?at 0x[0-9a-fA-F]+>|\s+at 0x[0-9a-fA-F]+")
+_QUERY = re.compile(r"(\w+://[^\s\"'?#]+)[?#][^\s\"']*")
+_USERINFO = re.compile(r"(\w+://)[^/\s\"'@]+@")
+
+
+def clean(message: str, limit: int = 300) -> str:
+    """A message fit for a row or a log: no memory addresses, URL query strings (a presigned URL's
+    signature) or user:password in URLs; one line, at most ``limit`` characters."""
+    message = _ADDRESS.sub(lambda m: f"<{m.group(1)}>" if m.group(1) else "", message)
+    message = _USERINFO.sub(r"\1", _QUERY.sub(r"\1", message))
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def _endpoint(chain: list[BaseException]) -> str:
+    for e in chain:
+        url = getattr(e, "kwargs", {}).get("endpoint_url") if isinstance(e, boto.BotoCoreError) else None
+        if url:
+            return clean(url.split("://", 1)[-1].split("/", 1)[0])
+    return "the endpoint"
+
+
+def classify(exc: BaseException) -> tuple[str, str, str]:
+    """``(kind, code, reason)`` of a failed read, from the exception and what it wraps (s3fs turns S3
+    errors into OSErrors that keep botocore's ClientError as their cause; botocore wraps aiohttp's)."""
+    chain = _chain(exc)
+
+    def has(*types: type) -> bool:
+        return any(isinstance(e, types) for e in chain)
+
+    for e in chain:
+        if isinstance(e, boto.ClientError):
+            error, meta = e.response.get("Error", {}), e.response.get("ResponseMetadata", {})
+            code, status = str(error.get("Code") or "error"), int(meta.get("HTTPStatusCode") or 0)
+            reason = clean(f"{code} (HTTP {status}): {error.get('Message') or ''}".rstrip(": "))
+            if code in _BUCKET_CODES:
+                return BUCKET, code, reason
+            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+                return TRANSIENT, code, reason
+            return OBJECT, code, reason
+    if has(aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, boto.ConnectTimeoutError,
+           ConnectionRefusedError):
+        return UNREACHABLE, "Unreachable", f"cannot connect to {_endpoint(chain)}"
+    if has(boto.ReadTimeoutError, aiohttp.ServerTimeoutError, FSTimeoutError, TimeoutError):
+        return TRANSIENT, "ReadTimeout", "read timed out"
+    if has(TruncatedBody, aiohttp.ClientPayloadError, boto.IncompleteReadError, boto.ResponseStreamingError,
+           http.client.IncompleteRead):
+        got = re.search(r"(\d+)(?: read, but total bytes expected is | of )(\d+)", " ".join(map(str, chain)))
+        return TRANSIENT, "TruncatedBody", "truncated body" + (f" ({got[1]} of {got[2]} bytes)" if got else "")
+    if has(ConnectionError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, boto.ConnectionClosedError,
+           boto.EndpointConnectionError, boto.HTTPClientError, ResponseParserError):
+        return TRANSIENT, "ConnectionReset", "connection reset or closed by the server"
+    if isinstance(exc, FileNotFoundError):
+        return OBJECT, "NotFound", "no such object (deleted since it was listed, or a dangling link)"
+    if isinstance(exc, IsADirectoryError | NotADirectoryError):
+        return OBJECT, "NotAFile", "not a regular file"
+    if isinstance(exc, PermissionError):
+        return OBJECT, "PermissionDenied", clean(f"permission denied: {exc}")
+    return OBJECT, type(exc).__name__, clean(f"{type(exc).__name__}: {exc}")
+
+
+def fetch(fs: fsspec.AbstractFileSystem, paths: Sequence[str], *, sizes: Sequence[int | None] | None = None,
+          policy: RetryPolicy = RetryPolicy(), sleep: Callable[[float], None] = time.sleep,
+          rng: random.Random | None = None) -> Fetched:
+    """Every object of ``paths`` (protocol-less, as ``fs`` names them), whole; see the module's rules.
+
+    ``sizes``: the objects' listed sizes, where known: a read of another length is a truncated body.
+    Raises :class:`BucketError` or :class:`StorageUnavailable` when the bucket or the store, not an
+    object, is at fault.
+    """
+    if not paths:
+        return Fetched([], [], 0.0)
+    client, rng = single_attempt_client(fs), rng or random.Random()
+    start, n = time.perf_counter(), len(paths)
+    results: list[bytes | FetchError | None] = [None] * n
+    attempts = [0] * n
+    failed: dict[int, tuple[str, str, str]] = {}
+    todo = list(range(n))
+    for round_ in range(policy.attempts):
+        if round_:
+            sleep(policy.backoff(round_, rng))
+        got = client.cat_ranges([paths[i] for i in todo], None, None, on_error="return")
+        retry = []
+        for i, value in zip(todo, got):
+            attempts[i] += 1
+            if isinstance(value, bytes) and sizes is not None and sizes[i] is not None and len(value) != sizes[i]:
+                value = TruncatedBody(f"{len(value)} of {sizes[i]} bytes")
+            if isinstance(value, bytes):
+                results[i] = value
+                failed.pop(i, None)
+                continue
+            failed[i] = classify(value)
+            if failed[i][0] in (TRANSIENT, UNREACHABLE):
+                retry.append(i)
+        if round_ == 0:
+            _stop_if_bucket_refuses(fs, paths, failed)
+        todo = retry
+        if not todo:
+            break
+    for i, (kind, code, reason) in failed.items():
+        results[i] = FetchError(fs.unstrip_protocol(paths[i]), kind, code, reason, attempts[i])
+    fetched = Fetched(results, attempts, time.perf_counter() - start)  # type: ignore[arg-type]
+    _stop_if_store_fails(fetched)
+    if failed or fetched.retries:
+        log.warning("read %d objects in %.1f s: %d retries, %d failed%s", n, fetched.seconds, fetched.retries,
+                    len(failed), "".join(f"; {e.uri}: {e}" for e in fetched.errors[:3]))
+    return fetched
+
+
+def _stop_if_bucket_refuses(fs: fsspec.AbstractFileSystem, paths: Sequence[str],
+                            failed: dict[int, tuple[str, str, str]]) -> None:
+    """After the first round: a bucket-level code on any object, or AccessDenied on every object of a
+    batch of two or more, is the bucket's (or the credentials') doing, not the objects'."""
+    bucket = [i for i, (kind, *_) in failed.items() if kind == BUCKET]
+    denied = [i for i, (_, code, _) in failed.items() if code == "AccessDenied"]
+    which = bucket or (denied if len(denied) == len(paths) > 1 else [])
+    if which:
+        _, code, reason = failed[which[0]]
+        raise BucketError(f"cannot read the input: {reason} (reading {fs.unstrip_protocol(paths[which[0]])}; "
+                          f"{len(which)} of {len(paths)} objects of a batch got {code}). The run stops: check the "
+                          "bucket name, the credentials the workers get and the bucket's policy.")
+
+
+def _stop_if_store_fails(fetched: Fetched) -> None:
+    """A store that cannot be reached, or that failed every read of a batch of two or more after every
+    attempt, is down: stop, so the objects stay unread (the same command resumes) rather than failed."""
+    errors = fetched.errors
+    unreachable = [e for e in errors if e.kind == UNREACHABLE]
+    all_failed = len(errors) == len(fetched.results) > 1 and all(e.kind == TRANSIENT for e in errors)
+    if unreachable or all_failed:
+        e = (unreachable or errors)[0]
+        raise StorageUnavailable(
+            f"the object store is unavailable: {e.reason} (reading {e.uri}; {len(errors)} of "
+            f"{len(fetched.results)} objects of a batch failed, after up to {max(fetched.attempts)} attempts over "
+            f"{fetched.seconds:.0f} s). The run stops; the same command resumes it and reads only what is missing.")
