@@ -4,7 +4,8 @@
 * ``DECODED_COLUMNS``: what the decode tasks hand the model actors (with ``--decode gpu`` the
   actors get the read stage's rows, without ``pixels``);
 * ``Screened``: what the screen hands the confirmation, inside one model actor;
-* ``FLAGS_SCHEMA``: what the user reads, one row per object.
+* ``FLAGS_SCHEMA``: what the user reads, one row per object;
+* ``ERROR_KINDS``: what kind of failure an error row is, read from how its message starts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pyarrow as pa
 
 from ngt_ray.grouptesting.cost_table import StageCosts
 
-__all__ = ["DECODED_COLUMNS", "FLAGS_SCHEMA", "ActorSpec", "Screened"]
+__all__ = ["DECODED_COLUMNS", "ERROR_KINDS", "FLAGS_SCHEMA", "ActorSpec", "Screened", "error_kind"]
 
 @dataclass(frozen=True)
 class ActorSpec:
@@ -61,8 +62,26 @@ FLAGS_SCHEMA = pa.schema(
         ("compute_macs", pa.float64()),
         ("compute_seconds", pa.float64()),
         ("error", pa.string()),
+        ("error_kind", pa.string()),
     ]
 )
+
+# The kinds of error row, each with how its messages start. The readers (``ngt_ray.job.sources``,
+# ``ngt_ray.job.fetch``) and the decoder (``ngt_ray.nets.decode``) write messages that start so;
+# the flags carry the kind, and the stats count each (``errors_<kind>``). "other" is anything else.
+ERROR_KINDS: dict[str, tuple[str, ...]] = {
+    "not_a_file": ("symlink", "not a regular file", "folder cannot be listed", "file cannot be followed"),
+    "read": ("read failed",),
+    "too_large": ("too large",),
+    "decode": ("decode failed", "empty object"),
+    "other": (),
+}
+
+
+def error_kind(message: str) -> str:
+    """The kind (a key of ``ERROR_KINDS``) of an error message; a retest's is its decode error's."""
+    text = message.removeprefix("retest ")
+    return next((kind for kind, starts in ERROR_KINDS.items() if starts and text.startswith(starts)), "other")
 
 
 @dataclass

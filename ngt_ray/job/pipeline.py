@@ -67,15 +67,16 @@ def _ordered(ordered: bool) -> Iterator[None]:
         options.preserve_order = before
 
 
-def build(p: JobPlan, skip: frozenset[str] = frozenset()) -> ray.data.Dataset:
+def build(p: JobPlan, skip: frozenset[str] = frozenset(), listing: dict[str, int] | None = None) -> ray.data.Dataset:
     """read -> decode -> moderate: the lazy Ray Data chain of a plan (``write`` consumes it);
-    ``skip`` holds the uris an earlier attempt of the run already wrote."""
+    ``skip`` holds the uris an earlier attempt of the run already wrote; ``listing`` gets the
+    listing's ``objects`` count (see ``read_source``)."""
     cfg, tasks = p.cfg, p.placement.task_resources
     src = resolve(cfg.input, cfg.s3_endpoint)
     paths = manifest_paths(cfg.input_manifest, src, key_column=cfg.key_column, s3_endpoint=cfg.s3_endpoint,
                            task_cpus=p.placement.task_cpus) if cfg.input_manifest else None
     ds = read_source(src, cfg.input_format, image_column=cfg.image_column, key_column=cfg.key_column, paths=paths,
-                     skip=skip, task_cpus=p.placement.task_cpus, block_rows=p.batch_size)
+                     skip=skip, task_cpus=p.placement.task_cpus, block_rows=p.batch_size, listing=listing)
     if p.decode_in_tasks:  # draft-mode JPEG decode on any node, CPU-only ones included; uint8 onwards
         # One decode block is one model batch: the actor takes it as it is, with no concatenation.
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": p.decode_size, "ledger": p.actor.ledger},
@@ -90,7 +91,7 @@ def build(p: JobPlan, skip: frozenset[str] = frozenset()) -> ray.data.Dataset:
 
 
 def summarise(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, float], stream_seconds: float,
-              wall_seconds: float, out: RunOutput, started_at: float) -> dict:
+              wall_seconds: float, out: RunOutput, started_at: float, objects: int | None = None) -> dict:
     """Present the run (``RunOutput.commit``: stats.parquet from every row in flags/, then
     ``_SUCCESS``) and return its stats row."""
     flags = out.flags
@@ -102,7 +103,7 @@ def summarise(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, fl
     phases = collect(ledger, written.count() - len(out.done))
     first = phases["first_output_at"]
     info = {**p.info, **phase_columns(phases, operators, stream_seconds, p.placement),
-            "resumed_rows": len(out.done),
+            "resumed_rows": len(out.done), "objects": objects,
             # from the job's start (listing included) to the first model batch's rows: what a
             # bucket-scale listing costs, and what --input-manifest saves
             "seconds_to_first_output": first - started_at if first is not None else float("nan")}
@@ -141,12 +142,13 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     try:
         p = p.with_ledger(ledger)
         stream_start = time.perf_counter()
-        ds = build(p, out.done)
+        listing: dict[str, int] = {}
+        ds = build(p, out.done, listing)
         with _ordered(cfg.ordered), _actor_start_timeout(cfg.actor_start_timeout):
             ds.write_parquet(out.flags.path, filesystem=out.flags.arrow_fs, try_create_dir=False,
                              min_rows_per_file=cfg.rows_per_file, ray_remote_args=p.placement.task_resources)
         stream_seconds = time.perf_counter() - stream_start
         return summarise(p, ledger, operator_cpu_seconds(ds), stream_seconds, time.perf_counter() - start, out,
-                         started_at)
+                         started_at, listing.get("objects"))
     finally:
         ray.kill(ledger)

@@ -8,8 +8,12 @@ decoded pixels, so the object store holds compact data until the decode stage.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import tarfile
 from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -17,9 +21,10 @@ import pyarrow.parquet as pq
 import ray.data
 
 from ngt_ray.job.fetch import fetch
-from ngt_ray.storage import Location
+from ngt_ray.storage import Location, object_too_large
 
-__all__ = ["FORMATS", "IMAGE_SUFFIXES", "detect_format", "list_objects", "pick_column", "read_source"]
+__all__ = ["FORMATS", "IMAGE_SUFFIXES", "Listed", "detect_format", "list_entries", "list_objects", "pick_column",
+           "read_source"]
 
 FORMATS = ("images", "webdataset", "parquet")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
@@ -55,15 +60,84 @@ def detect_format(loc: Location) -> str:
 _OBJECTS_PER_READ = 256  # objects one read call fetches (concurrently, on object stores)
 
 
-def list_objects(loc: Location) -> list[str]:
-    """Every object under ``loc`` (or ``loc`` itself if it is one), sorted; listing errors such as
-    bad credentials are raised, not mistaken for an empty prefix."""
+@dataclass(frozen=True)
+class Listed:
+    """One object of the job's listing: its path, its size where the listing says (-1 where it does
+    not), and why it cannot be read as an object ("" where it can)."""
+
+    path: str
+    size: int = -1
+    problem: str = ""
+
+
+def list_entries(loc: Location) -> list[Listed]:
+    """Every object under ``loc`` (or ``loc`` itself if it is one), sorted by path.
+
+    This listing decides what the objects are, and each one gets a row: nothing is skipped for its
+    name (``.hidden``, ``_underscore``, and folders so named, are listed too). On a local filesystem
+    every entry that is not a folder is an object: a symlink to a file is read through the link
+    (the row names the link), while a dangling symlink, a symlink to a folder (never followed: links
+    may loop, or lead out of the bucket), a FIFO or a socket is listed with the reason it is not
+    read, and so is a subfolder that cannot be listed. Listing errors on ``loc`` itself, such as
+    bad credentials, are raised, not mistaken for an empty prefix.
+    """
+    local = "file" in loc.fs.protocol
     if loc.fs.isfile(loc.path):
-        return [loc.path]
-    paths = sorted(loc.fs.find(loc.path))
-    if not paths and not loc.fs.exists(loc.path):
+        return [_local_entry(loc.path) if local else Listed(loc.path, int(loc.fs.size(loc.path)))]
+    if local:
+        entries = list(_walk_local(loc.path)) if os.path.isdir(loc.path) else []
+    else:
+        found = loc.fs.find(loc.path, detail=True)
+        entries = [Listed(path, -1 if info.get("size") is None else int(info["size"])) for path, info in found.items()]
+    if not entries and not loc.fs.exists(loc.path):
         raise FileNotFoundError(f"no objects under {loc.url}")
-    return paths
+    return sorted(entries, key=lambda entry: entry.path)
+
+
+def list_objects(loc: Location) -> list[str]:
+    """The paths of ``list_entries(loc)``."""
+    return [entry.path for entry in list_entries(loc)]
+
+
+def _walk_local(root: str) -> Iterator[Listed]:
+    """Every entry under a local folder that is not a folder; symlinks to folders are not followed."""
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as found:
+                children = list(found)
+        except OSError as exc:
+            if folder == root:
+                raise
+            yield Listed(folder, problem=f"folder cannot be listed ({exc.strerror})")
+            continue
+        for child in children:
+            if child.is_dir(follow_symlinks=False):
+                folders.append(child.path)
+            else:
+                yield _local_entry(child.path)
+
+
+_FILE_TYPES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _local_entry(path: str) -> Listed:
+    """A local path as an object: a regular file, or a symlink to one, is read; anything else is
+    never opened (a FIFO would block the reader forever), its row says what it is."""
+    link = os.path.islink(path)
+    try:
+        info = os.stat(path)  # follows a symlink
+    except FileNotFoundError:
+        return Listed(path, problem="symlink target missing" if link else "read failed: vanished since listed")
+    except OSError as exc:  # a symlink loop, a folder on the way that cannot be searched
+        return Listed(path, problem=f"{'symlink' if link else 'file'} cannot be followed ({exc.strerror})")
+    if stat.S_ISREG(info.st_mode):
+        return Listed(path, info.st_size)
+    what = next((name for test, name in _FILE_TYPES if test(info.st_mode)), "a special file")
+    return Listed(path, problem=f"not a regular file: {'a symlink to ' if link else ''}{what}"
+                  f"{' (links to folders are not followed)' if link and what == 'a folder' else ''}")
 
 
 def _read_objects(batch: dict[str, np.ndarray], loc: Location) -> dict[str, np.ndarray]:
@@ -96,7 +170,7 @@ def _expand_tar_shards(batch: dict[str, np.ndarray], loc: Location) -> dict[str,
     uris: list[str] = []
     blobs: list[bytes] = []
     for path, data in zip(batch["path"], batch["bytes"]):
-        shard = loc.uri(path)
+        shard = loc.object_uri(path)
         try:
             samples: OrderedDict[str, bytes | None] = OrderedDict()
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
@@ -138,6 +212,40 @@ def _unfinished(batch: dict[str, np.ndarray], skip: frozenset[str]) -> dict[str,
     return {name: column[keep] for name, column in batch.items()}
 
 
+def _read_listed(batch: dict[str, np.ndarray], loc: Location) -> dict[str, np.ndarray]:
+    """``_read_objects`` for the objects that can be read; a row with the reason for the others.
+
+    An object that is not a regular file or is over ``MAX_OBJECT_BYTES`` is never read: by the
+    listing's word (``problem``, ``size``), or, for a manifest's paths on a local filesystem, by
+    looking at each path first. One read over the limit anyway (no size listed) is dropped for an
+    error row before it travels on. Every row is named by its ``object_uri``.
+    """
+    paths = [str(p) for p in batch["path"]]
+    if "problem" in batch:
+        entries = [Listed(*row) for row in zip(paths, map(int, batch["size"]), map(str, batch["problem"]))]
+    elif "file" in loc.fs.protocol:
+        entries = [_local_entry(p) for p in paths]
+    else:
+        entries = [Listed(p) for p in paths]
+    errors = [entry.problem or object_too_large(entry.size) or "" for entry in entries]
+    todo = [i for i, error in enumerate(errors) if not error]
+    # read even when every row has its reason: the reader's own columns come out all the same
+    read = _read_objects({"path": np.array([paths[i] for i in todo], dtype=object),
+                          "size": np.array([entries[i].size for i in todo], dtype=np.int64)}, loc)
+    blobs = np.full(len(paths), b"", dtype=object)
+    for i, blob, error in zip(todo, read["bytes"], read["error"]):
+        too_large = object_too_large(len(blob))
+        blobs[i] = b"" if too_large else blob
+        errors[i] = too_large or str(error)
+    out = {"uri": np.array([loc.object_uri(p) for p in paths], dtype=object), "bytes": blobs,
+           "error": np.array(errors, dtype=object)}
+    for name, column in read.items():  # any other column the reader makes; rows it did not read: zero
+        if name not in out:
+            out[name] = np.zeros(len(paths), dtype=column.dtype)
+            out[name][todo] = column
+    return out
+
+
 def read_source(
     loc: Location,
     fmt: str = "auto",
@@ -148,6 +256,7 @@ def read_source(
     skip: frozenset[str] = frozenset(),
     task_cpus: float = 1.0,
     block_rows: int = _OBJECTS_PER_READ,
+    listing: dict[str, int] | None = None,
 ) -> ray.data.Dataset:
     """A lazy Dataset of ``{"uri": str, "bytes": bytes}`` rows for the objects under ``loc``.
 
@@ -157,6 +266,8 @@ def read_source(
     ``task_cpus``: CPUs of each read task (see ``ngt_ray.job.placement``).
     ``block_rows``: listed objects per block at most. A block is what flows to the model actors and
     the writer as one piece, so it is also the smallest piece of work an interrupted run keeps.
+    ``listing``: given, it gets ``objects``, how many objects the listing found (those an earlier
+    attempt wrote included); it stays empty where nothing is listed (a manifest, packed inputs).
     """
     tasks = {"num_cpus": task_cpus}
     if paths is not None:
@@ -168,12 +279,15 @@ def read_source(
         if paths is None:
             # Listed once on the driver (as Ray's file readers do), then read in batches: Ray's
             # read_binary_files builds a one-row table per object, ~200 us of CPU each.
-            listed = [p for p in list_objects(loc) if loc.uri(p) not in skip]
-            paths = ray.data.from_items([{"path": p} for p in listed],
-                                        override_num_blocks=max(1, -(-len(listed) // per_read)))
+            entries = list_entries(loc)
+            if listing is not None:
+                listing["objects"] = len(entries)
+            todo = [{"path": e.path, "size": e.size, "problem": e.problem} for e in entries
+                    if loc.object_uri(e.path) not in skip]
+            paths = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // per_read)))
         elif skip:
-            paths = paths.filter(lambda row: loc.uri(row["path"]) not in skip)
-        return paths.map_batches(_read_objects, fn_kwargs={"loc": loc}, batch_size=per_read,
+            paths = paths.filter(lambda row: loc.object_uri(row["path"]) not in skip)
+        return paths.map_batches(_read_listed, fn_kwargs={"loc": loc}, batch_size=per_read,
                                  batch_format="numpy", **tasks)
     if fmt == "webdataset":
         ds = ray.data.read_binary_files(
@@ -189,7 +303,7 @@ def read_source(
                                    num_cpus=task_cpus).select_columns([key, image, "path"])
 
         def to_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            uris = [f"{loc.uri(p)}#{k}" for p, k in zip(batch["path"], batch[key])]
+            uris = [f"{loc.object_uri(p)}#{k}" for p, k in zip(batch["path"], batch[key])]
             return {"uri": np.array(uris, dtype=object), "bytes": batch[image]}
 
         ds = ds.map_batches(to_rows, batch_format="numpy", **tasks)

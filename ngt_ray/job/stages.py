@@ -20,12 +20,13 @@ import torch
 from ngt_ray.grouptesting.algorithms import screen
 from ngt_ray.grouptesting.grouping import batch_rng, group_ids, key_hashes
 from ngt_ray.grouptesting.planning import PrevalenceEstimate, ScreenQuality, choose_group_size
-from ngt_ray.job.contracts import FLAGS_SCHEMA, ActorSpec, Screened
+from ngt_ray.job.contracts import FLAGS_SCHEMA, ActorSpec, Screened, error_kind
 from ngt_ray.job.phases import DEVICE_PHASES, PhaseClock, round_phase
 from ngt_ray.nets.checkpoint import ModelCard
 from ngt_ray.nets.decode import decode_many, decode_on_device
 from ngt_ray.nets.runtime import accelerate, inference_context, pick_device
 from ngt_ray.nets.stubs import load_model
+from ngt_ray.storage import redact
 
 __all__ = ["FLAGS_SCHEMA", "ModelActor", "Moderator", "decode_batch"]
 
@@ -264,7 +265,8 @@ class _Batch:
 
 
 def _flags_table(uris: np.ndarray, flagged: np.ndarray, errors: list[str | None], s: Screened) -> pa.Table:
-    """The final rows of a batch, in ``FLAGS_SCHEMA``."""
+    """The final rows of a batch, in ``FLAGS_SCHEMA``; error messages as people may read them."""
+    errors = [None if e is None else redact(e) for e in errors]
     is_error = np.array([e is not None for e in errors], dtype=bool)
     decided_by = np.where(is_error, "error", np.where(
         s.candidate, "retest", np.where(s.cleared_in_round_one, "group", "subgroup")))
@@ -283,6 +285,7 @@ def _flags_table(uris: np.ndarray, flagged: np.ndarray, errors: list[str | None]
             "compute_macs": pa.array(s.compute_macs, pa.float64(), mask=~spent),
             "compute_seconds": pa.array(s.compute_seconds, pa.float64(), mask=~spent | np.isnan(s.compute_seconds)),
             "error": pa.array(errors, pa.string()),
+            "error_kind": pa.array([None if e is None else error_kind(e) for e in errors], pa.string()),
         },
         schema=FLAGS_SCHEMA,
     )

@@ -3,6 +3,10 @@
 Stats are computed from the flags as written (a column-pruned re-read, a few bytes per image), so
 they describe exactly what the user reads, and the counts add up by construction: every row
 carries its share of the tests and of the compute, and the shares sum to the totals.
+
+One count does not come from the flags: ``objects``, what the job's listing found. Every listed
+object ends as exactly one row, scored or an error of one kind, so ``objects == images == images -
+errors + sum(errors_<kind>)``; a difference would be an object lost (or counted twice) on the way.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import pyarrow.compute as pc
 import ray.data
 
 from ngt_ray.grouptesting.cost_table import StageCosts
+from ngt_ray.job.contracts import ERROR_KINDS
 from ngt_ray.job.phases import PHASES
 
 if TYPE_CHECKING:
@@ -22,9 +27,10 @@ if TYPE_CHECKING:
 
 __all__ = ["STATS_COLUMNS", "count_rows", "phase_columns", "summarize", "top_phases"]
 
-STATS_COLUMNS = ["flagged", "decided_by", "group_size", "tests", "compute_macs", "compute_seconds"]
+STATS_COLUMNS = ["flagged", "decided_by", "group_size", "tests", "compute_macs", "compute_seconds", "error_kind"]
+_ERROR_COUNTS = tuple(f"errors_{kind}" for kind in ERROR_KINDS)
 _COUNTS = ("images", "errors", "flagged", "retests", "subgroup_cleared", "first_round_groups", "grouped",
-           "group_tests", "compute_macs", "compute_seconds", "timed_images")
+           "group_tests", "compute_macs", "compute_seconds", "timed_images", *_ERROR_COUNTS)
 
 
 def count_rows(batch: pa.Table) -> pa.Table:
@@ -48,6 +54,7 @@ def count_rows(batch: pa.Table) -> pa.Table:
         "compute_macs": [total(batch["compute_macs"])],
         "compute_seconds": [total(seconds)],
         "timed_images": [float(len(seconds) - seconds.null_count)],
+        **{f"errors_{kind}": [total(pc.equal(batch["error_kind"], kind))] for kind in ERROR_KINDS},
     })
 
 
@@ -96,6 +103,10 @@ def summarize(flags: ray.data.Dataset, macs: StageCosts, seconds: StageCosts | N
               wall_seconds: float) -> pa.Table:
     """Reduce the flags to the stats row (``info`` adds model name, design, algorithm, ...).
 
+    ``info["objects"]``: what the listing found. Where nothing was listed (a manifest, WebDataset
+    or Parquet inputs, whose rows are samples) ``objects`` is the rows written, and
+    ``objects_from`` says which: "listing" or "rows".
+
     ``compute_saving`` compares the MACs spent with the individual model on every screened image;
     ``time_saving`` does the same with the per-stage seconds measured on the actors' device.
     """
@@ -107,9 +118,13 @@ def summarize(flags: ray.data.Dataset, macs: StageCosts, seconds: StageCosts | N
     timed = seconds is not None and screened and totals["timed_images"] == screened
     baseline_seconds = screened * seconds.confirm if timed else math.nan
     groups = totals["first_round_groups"]
+    listed = info.get("objects")
     row = {
+        "objects": images if listed is None else int(listed),
+        "objects_from": "rows" if listed is None else "listing",
         "images": images,
         "errors": errors,
+        **{name: int(totals[name]) for name in _ERROR_COUNTS},
         "flagged": int(totals["flagged"]),
         "group_size": info.get("group_size", 0),
         "mean_group_size": totals["grouped"] / groups if groups else 0.0,
@@ -129,6 +144,6 @@ def summarize(flags: ray.data.Dataset, macs: StageCosts, seconds: StageCosts | N
         "wall_seconds": wall_seconds,
         # this attempt's rows: a resumed run skips those an earlier attempt wrote
         "images_per_second": (images - info.get("resumed_rows", 0)) / wall_seconds if wall_seconds > 0 else 0.0,
-        **{k: v for k, v in info.items() if k != "group_size"},
+        **{k: v for k, v in info.items() if k not in ("group_size", "objects")},
     }
     return pa.Table.from_pylist([row])
