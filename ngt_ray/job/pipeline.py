@@ -27,7 +27,7 @@ from ngt_ray.job.phases import collect, operator_cpu_seconds, start_ledger
 from ngt_ray.job.placement import cluster_nodes
 from ngt_ray.job.plan import DECODERS, JobPlan, ModerationConfig, actor_placement, plan
 from ngt_ray.job.sources import read_source
-from ngt_ray.job.stages import Moderator, decode_batch
+from ngt_ray.job.stages import Moderator, decode_batch, decode_memory
 from ngt_ray.job.stats import STATS_COLUMNS, phase_columns, summarize
 from ngt_ray.nets.profiling import stage_seconds
 from ngt_ray.nets.runtime import accelerate, pick_device
@@ -36,10 +36,11 @@ from ngt_ray.storage import resolve
 
 __all__ = ["DECODERS", "ModerationConfig", "actor_placement", "build", "run_moderation", "summarise"]
 
-# Memory reserved per decode task: a batch of encoded and decoded images with room. It also
-# keeps Ray Data from fusing decode into the model actor, where it would run serially with
-# inference (fusion needs equal remote arguments).
-_DECODE_MEMORY = 512 * 2**20
+# Decode tasks run in workers of their own (a distinct runtime_env is a distinct worker pool): a
+# worker keeps the heap of every task it ran, and a read task's left the decode tasks over budget.
+# Their memory reservation (``decode_memory``) also keeps Ray Data from fusing decode into the
+# model actor, where it would run serially with inference (fusion needs equal remote arguments).
+_DECODE_WORKERS = {"env_vars": {"NGT_RAY_WORKERS": "decode"}}
 
 
 def _measure_seconds(p: JobPlan) -> StageCosts:
@@ -80,7 +81,8 @@ def build(p: JobPlan, skip: frozenset[str] = frozenset(), listing: dict[str, int
     if p.decode_in_tasks:  # draft-mode JPEG decode on any node, CPU-only ones included; uint8 onwards
         # One decode block is one model batch: the actor takes it as it is, with no concatenation.
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": p.decode_size, "ledger": p.actor.ledger},
-                            batch_size=p.batch_size, batch_format="numpy", memory=_DECODE_MEMORY,
+                            batch_size=p.batch_size, batch_format="pyarrow",
+                            memory=decode_memory(p.batch_size, p.decode_size), runtime_env=_DECODE_WORKERS,
                             scheduling_strategy="SPREAD", **tasks)
     ds = ds.map_batches(
         Moderator, fn_constructor_kwargs={"spec": p.actor}, batch_size=p.batch_size, batch_format="pyarrow",
