@@ -33,6 +33,8 @@ _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _ADDRESS = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
 # A URL's query string (a presigned URL's X-Amz-Signature, a SAS token) and credential-looking pairs
 _QUERY = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s?'\"<>]*)\?[^\s'\"<>]*", re.IGNORECASE)
+# user:password@ in a URL
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s'\"@]+@", re.IGNORECASE)
 _SECRET = re.compile(r"((?:signature|credential|security-token|secret[_-]?access[_-]?key|sig|token|password)=)"
                      r"[^&\s'\"<>),;]+", re.IGNORECASE)
 
@@ -45,10 +47,11 @@ def object_too_large(size: int | None) -> str | None:
 
 
 def redact(text: str) -> str:
-    """``text`` as people may read it: every URL's query string and any credential-looking
-    ``key=value`` cut out (errors from storage clients can quote the request they made, presigned
+    """``text`` as people may read it: every URL's query string, user:password and any
+    credential-looking ``key=value`` cut out (errors from storage clients can quote the request they made, presigned
     signature included), and reprs with a memory address, which say nothing to a reader, dropped."""
-    return _SECRET.sub(r"\1<redacted>", _QUERY.sub(r"\1?<query removed>", _ADDRESS.sub("", text)))
+    text = _USERINFO.sub(r"\1", _ADDRESS.sub("", text))
+    return _SECRET.sub(r"\1<redacted>", _QUERY.sub(r"\1?<query removed>", text))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ import fsspec
 from botocore.parsers import ResponseParserError
 from fsspec.exceptions import FSTimeoutError
 
+from ngt_ray.storage import redact
+
 __all__ = ["BucketError", "FetchError", "Fetched", "RetryPolicy", "StorageError", "StorageUnavailable", "classify",
            "fetch", "single_attempt_client"]
 
@@ -136,17 +138,12 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
-_ADDRESS = re.compile(r"<([^<>]*?) (?:object )?at 0x[0-9a-fA-F]+>|\s+at 0x[0-9a-fA-F]+")
-_QUERY = re.compile(r"(\w+://[^\s\"'?#]+)[?#][^\s\"']*")
-_USERINFO = re.compile(r"(\w+://)[^/\s\"'@]+@")
 
 
 def clean(message: str, limit: int = 300) -> str:
-    """A message fit for a row or a log: no memory addresses, URL query strings (a presigned URL's
-    signature) or user:password in URLs; one line, at most ``limit`` characters."""
-    message = _ADDRESS.sub(lambda m: f"<{m.group(1)}>" if m.group(1) else "", message)
-    message = _USERINFO.sub(r"\1", _QUERY.sub(r"\1", message))
-    message = " ".join(message.split())
+    """A message fit for a row or a log: ``redact``ed (no memory address, query string, password or
+    credential), one line, at most ``limit`` characters."""
+    message = " ".join(redact(message).split())
     return message if len(message) <= limit else message[: limit - 1] + "…"
 
 
