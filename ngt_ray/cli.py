@@ -220,9 +220,27 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(message)s")
     try:
         return args.func(args)
-    except ClusterError as exc:
-        print(f"ngt-ray {args.command}: {exc}", file=sys.stderr)
+    except Exception as exc:  # a known cause is told in one line; anything else raises as it is
+        cause = _user_error(exc)
+        if cause is None or args.verbose:
+            raise
+        print(f"ngt-ray {args.command}: {cause}", file=sys.stderr)
         return 2
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The error a user can act on behind ``exc``, if any: a cluster, output, placement or storage
+    refusal, even when Ray raised it from a task (its cause chain keeps the original)."""
+    from ngt_ray.job.fetch import StorageError
+    from ngt_ray.job.outputs import OutputError
+    from ngt_ray.job.placement import PlacementError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ClusterError, OutputError, PlacementError, StorageError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ngt_ray.job.fetch import BucketError
 from ngt_ray.job.outputs import SUCCESS, OutputError, RunOutput, run_config
 from ngt_ray.job.pipeline import ModerationConfig, run_moderation
 from ngt_ray.storage import resolve
@@ -155,5 +156,18 @@ def test_inputs_named_by_a_manifest_or_an_s3_inventory_are_read_by_key(ray_local
     print("\nseconds to the first flagged row: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     assert all(v > 0 for v in timings.values())
 
+    with pytest.raises(BucketError, match="input bucket 'no-such-input' does not exist"):
+        run_moderation(ModerationConfig(**{**common, "input": "s3://no-such-input/photos"},
+                                        output="s3://manifest-out/nobucket", input_manifest="s3://manifest-in/keys.parquet"))
     with pytest.raises(ValueError, match="must be a .parquet or .csv file of keys"):
         run_moderation(ModerationConfig(**common, output="s3://manifest-out/bad", input_manifest="s3://x/keys.txt"))
+
+
+def test_the_cli_says_what_refused_in_one_line(ray_local, planted, tmp_path, capsys):
+    from ngt_ray.cli import main
+
+    (tmp_path / "out" / "flags").mkdir(parents=True)
+    (tmp_path / "out" / "flags" / "theirs.parquet").write_bytes(b"a user's file")
+    code = main(["moderate", "--input", str(planted.root), "--output", str(tmp_path / "out"), "--stub-models"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no ngt-ray run recorded" in err and "Traceback" not in err

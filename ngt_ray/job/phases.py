@@ -150,8 +150,12 @@ class PhaseLedger:
 
 
 def start_ledger() -> ray.actor.ActorHandle:
-    """A ledger for one job, on the driver's node (it uses no CPU reservation)."""
-    return PhaseLedger.remote()
+    """A ledger for one job, pinned to the driver's node (it uses no CPU reservation): a worker node
+    lost mid-run must not take the job's timings, and so its stats, with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return PhaseLedger.options(scheduling_strategy=here).remote()
 
 
 def collect(ledger: ray.actor.ActorHandle, images: int, timeout: float = 30.0) -> dict[str, Any]:

@@ -153,7 +153,7 @@ def _validate(cfg: ModerationConfig) -> None:
 def _input_root(cfg: ModerationConfig) -> str:
     """The URL every input object's uri starts with (see ``Location.uri``)."""
     loc = resolve(cfg.input, cfg.s3_endpoint)
-    return loc.uri(loc.path).rstrip("/") + "/"
+    return loc.object_uri(loc.path).rstrip("/") + "/"
 
 
 def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
