@@ -41,6 +41,10 @@ __all__ = ["DECODERS", "ModerationConfig", "actor_placement", "build", "run_mode
 # worker keeps the heap of every task it ran, and a read task's left the decode tasks over budget.
 # Their memory reservation (``decode_memory``) also keeps Ray Data from fusing decode into the
 # model actor, where it would run serially with inference (fusion needs equal remote arguments).
+# Writers reserve no CPU: a flags file is a few kB of rows, and a writer that waited for a CPU the
+# read and decode tasks hold would hold every flag in the object store until the stream ends (seen
+# on 2 cores: nothing written after 10,000 rows), which also leaves an interrupted run nothing to keep.
+_WRITE_RESOURCES = {"num_cpus": 0}
 _DECODE_WORKERS = {"env_vars": {"NGT_RAY_WORKERS": "decode"}}
 
 
@@ -163,7 +167,7 @@ def run_moderation(cfg: ModerationConfig) -> dict:
         ds = build(p, out.done, listing)
         with _ordered(cfg.ordered), _actor_start_timeout(cfg.actor_start_timeout):
             ds.write_parquet(out.flags.path, filesystem=out.flags.arrow_fs, try_create_dir=False,
-                             min_rows_per_file=cfg.rows_per_file, ray_remote_args=p.placement.task_resources)
+                             min_rows_per_file=cfg.rows_per_file, ray_remote_args=_WRITE_RESOURCES)
         stream_seconds = time.perf_counter() - stream_start
         return summarise(p, ledger, operator_cpu_seconds(ds), stream_seconds, time.perf_counter() - start, out,
                          started_at, listing.get("objects"))
