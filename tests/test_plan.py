@@ -84,3 +84,12 @@ def test_plan_decides_batches_decode_and_models_up_front():
 def test_plan_rejects_bad_choices_clearly(bad, match):
     with pytest.raises(ValueError, match=match):
         plan(ModerationConfig(input="in", output="out", **bad), {"CPU": 2})
+
+
+def test_a_decode_task_that_no_node_can_hold_fails_at_once_saying_what_to_change():
+    node = [{"CPU": 2, "memory": 1.1 * 2**30}]  # fits a batch of 16 (1.06 GiB), not of 1024 (1.24 GiB)
+    with pytest.raises(PlacementError, match="needs .* GiB of memory .* smaller --batch-size"):
+        plan(ModerationConfig(input="in", output="out", batch_size=1024), node)
+    assert plan(ModerationConfig(input="in", output="out", batch_size=16), node).batch_size == 16
+    with pytest.raises(PlacementError, match="nodes need at least"):
+        plan(ModerationConfig(input="in", output="out"), [{"CPU": 2, "memory": 512 * 2**20}])

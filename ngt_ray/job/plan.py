@@ -18,7 +18,8 @@ from typing import Any
 from ngt_ray.grouptesting.algorithms import ALGORITHMS, get_algorithm
 from ngt_ray.grouptesting.cost_table import StageCosts, plan_sizes
 from ngt_ray.job.contracts import ActorSpec
-from ngt_ray.job.placement import Nodes, Placement, actor_placement, cluster_totals
+from ngt_ray.job.placement import Nodes, Placement, PlacementError, actor_placement, cluster_totals
+from ngt_ray.job.stages import decode_memory
 from ngt_ray.nets.checkpoint import default_screen_model, individual_model_for
 from ngt_ray.nets.model import DESIGNS
 from ngt_ray.nets.profiling import stage_macs
@@ -150,6 +151,19 @@ def _validate(cfg: ModerationConfig) -> None:
         raise ValueError(f"batch size must be >= 1, got {cfg.batch_size}")
 
 
+def _check_decode_fits(nodes: Nodes, batch: int, size: int) -> None:
+    """A decode task reserves the memory its batch needs (``decode_memory``); where no node has that
+    much, it would wait forever: say so now. Nodes that do not report memory are not judged."""
+    memory = [node["memory"] for node in nodes if "memory" in node]
+    need, least = decode_memory(batch, size), decode_memory(1, size)
+    if not memory or max(memory) >= need:
+        return
+    fix = "use a smaller --batch-size" if max(memory) >= least else \
+        f"nodes need at least {least / 2**30:.1f} GiB for Ray to schedule a decode task"
+    raise PlacementError(f"a decode task of {batch} images needs {need / 2**30:.1f} GiB of memory and the largest "
+                         f"node offers {max(memory) / 2**30:.1f} GiB; {fix}")
+
+
 def _input_root(cfg: ModerationConfig) -> str:
     """The URL every input object's uri starts with (see ``Location.uri``)."""
     loc = resolve(cfg.input, cfg.s3_endpoint)
@@ -182,6 +196,9 @@ def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
     # a screen, a plain model batch.
     batch = cfg.batch_size or ((512 if on_gpu else 32) if individual else (1024 if on_gpu else 256))
     decode_here = cfg.decode == "gpu" or (cfg.decode == "auto" and on_gpu and _few_cpus_per_gpu(nodes))
+    decode_size = individual_card.input_size if individual else screen_card.input_size
+    if not decode_here:
+        _check_decode_fits(nodes, batch, decode_size)
     device = "cuda" if on_gpu else "cpu"
     actor = ActorSpec(
         individual_model=individual_stem, screen_model=None if individual else model,
@@ -213,6 +230,6 @@ def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
     }
     return JobPlan(
         cfg=cfg, actor=actor, placement=placement, batch_size=batch, decode_in_tasks=not decode_here,
-        decode_size=individual_card.input_size if individual else screen_card.input_size, screen_path=model,
+        decode_size=decode_size, screen_path=model,
         timing_sizes=sizes, timing_batch=batch if on_gpu else 8, info=info,
     )
