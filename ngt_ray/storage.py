@@ -19,7 +19,7 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.core import split_protocol, strip_protocol
 
-__all__ = ["MAX_OBJECT_BYTES", "Location", "object_too_large", "redact", "resolve"]
+__all__ = ["MAX_OBJECT_BYTES", "Location", "object_too_large", "redact", "require_bucket", "resolve"]
 
 # The most bytes of one object read into memory. A photo is a few MiB (an 8000x6000 JPEG about 15);
 # anything larger is refused with an error row, before it is read where the listing gives its size.
@@ -52,6 +52,20 @@ def redact(text: str) -> str:
     signature included), and reprs with a memory address, which say nothing to a reader, dropped."""
     text = _USERINFO.sub(r"\1", _ADDRESS.sub("", text))
     return _SECRET.sub(r"\1<redacted>", _QUERY.sub(r"\1?<query removed>", text))
+
+
+def require_bucket(loc: Location, role: str, error: type[Exception], hint: str = "") -> None:
+    """On an object store, the bucket of ``loc`` (its first path part) must already exist: raise
+    ``error`` naming the ``role`` ("input", "output") otherwise, or when it cannot be reached."""
+    if "file" in loc.fs.protocol:
+        return
+    bucket = loc.path.split("/", 1)[0]
+    try:
+        exists = loc.fs.exists(bucket)
+    except OSError as exc:
+        raise error(f"cannot reach the {role} bucket {bucket!r}: {redact(str(exc))}") from exc
+    if not exists:
+        raise error(f"{role} bucket {bucket!r} does not exist (or is not visible with these credentials){hint}")
 
 
 @dataclass(frozen=True)

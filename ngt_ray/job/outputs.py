@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from ngt_ray.storage import Location, resolve
+from ngt_ray.storage import Location, require_bucket, resolve
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +65,6 @@ def _config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _check_bucket(loc: Location) -> None:
-    """On an object store, the bucket (first path part) must already exist."""
-    if "file" in loc.fs.protocol:
-        return
-    bucket = loc.path.split("/", 1)[0]
-    try:
-        exists = loc.fs.exists(bucket)
-    except OSError as exc:
-        raise OutputError(f"cannot reach the output bucket {bucket!r}: {exc}") from exc
-    if not exists:
-        raise OutputError(f"output bucket {bucket!r} does not exist (or is not visible with these credentials); "
-                          f"create it first: ngt-ray never creates buckets, so a typo cannot make a new one")
-
-
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(set(old) | set(new))
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
@@ -102,7 +88,8 @@ class RunOutput:
     def open(cls, output: str, config: dict[str, Any], s3_endpoint: str | None = None,
              overwrite: bool = False) -> RunOutput:
         root = resolve(output, s3_endpoint)
-        _check_bucket(root)
+        require_bucket(root, "output", OutputError, hint="; create it first: ngt-ray never creates buckets, so a "
+                                                         "typo cannot make a new one")
         record = _read_record(root)
         if record is not None and record != config:
             owner = f"the results of another configuration ({_differences(record, config)})"

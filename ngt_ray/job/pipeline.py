@@ -21,7 +21,7 @@ import ray.data
 
 from ngt_ray.grouptesting.cost_table import StageCosts
 from ngt_ray.job.contracts import FLAGS_SCHEMA
-from ngt_ray.job.fetch import BucketError, clean
+from ngt_ray.job.fetch import BucketError
 from ngt_ray.job.manifests import manifest_paths
 from ngt_ray.job.outputs import RunOutput, run_config
 from ngt_ray.job.phases import collect, operator_cpu_seconds, start_ledger
@@ -33,7 +33,7 @@ from ngt_ray.job.stats import STATS_COLUMNS, phase_columns, summarize
 from ngt_ray.nets.profiling import stage_seconds
 from ngt_ray.nets.runtime import accelerate, pick_device
 from ngt_ray.nets.stubs import load_model
-from ngt_ray.storage import Location, resolve
+from ngt_ray.storage import require_bucket, resolve
 
 __all__ = ["DECODERS", "ModerationConfig", "actor_placement", "build", "run_moderation", "summarise"]
 
@@ -131,18 +131,6 @@ def _actor_start_timeout(seconds: float) -> Iterator[None]:
         ctx.wait_for_min_actors_s = before
 
 
-def _require_input_bucket(loc: Location) -> None:
-    if "file" in loc.fs.protocol:
-        return
-    bucket = loc.path.split("/", 1)[0]
-    try:
-        exists = loc.fs.exists(bucket)
-    except OSError as exc:
-        raise BucketError(f"cannot reach the input bucket {bucket!r}: {clean(str(exc))}") from exc
-    if not exists:
-        raise BucketError(f"input bucket {bucket!r} does not exist (or is not visible with these credentials)")
-
-
 def run_moderation(cfg: ModerationConfig) -> dict:
     """Run the job end to end and return the stats row as a dict.
 
@@ -155,7 +143,7 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     start, started_at = time.perf_counter(), time.time()
     p = plan(cfg, cluster_nodes())
     if cfg.input_manifest:  # nothing is listed on the driver: a wrong input bucket must still stop the run here
-        _require_input_bucket(resolve(cfg.input, cfg.s3_endpoint))
+        require_bucket(resolve(cfg.input, cfg.s3_endpoint), "input", BucketError)
     out = RunOutput.open(cfg.output, run_config(cfg), cfg.s3_endpoint, overwrite=cfg.overwrite)
     if cfg.measure_time:
         p = p.with_seconds(ray.get(ray.remote(_measure_seconds).options(**p.placement.resources).remote(p)))
