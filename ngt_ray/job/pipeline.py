@@ -37,15 +37,16 @@ from ngt_ray.storage import require_bucket, resolve
 
 __all__ = ["DECODERS", "ModerationConfig", "actor_placement", "build", "run_moderation", "summarise"]
 
-# Decode tasks run in workers of their own (a distinct runtime_env is a distinct worker pool): a
-# worker keeps the heap of every task it ran, and a read task's left the decode tasks over budget.
-# Their memory reservation (``decode_memory``) also keeps Ray Data from fusing decode into the
-# model actor, where it would run serially with inference (fusion needs equal remote arguments).
+# Decode tasks share workers with the read tasks. A pool of their own (a distinct runtime_env) kept
+# a read task's leftover heap out of their measured memory, but on a 2-CPU node Ray's cap on idle
+# workers then killed a worker after nearly every task and started another (about 4 s of importing
+# torch each): the soak ran at 27 objects/s. Their reservation (``decode_memory``) covers a worker
+# that ran reads too, and it also keeps Ray Data from fusing decode into the model actor, where it
+# would run serially with inference (fusion needs equal remote arguments).
 # Writers reserve no CPU: a flags file is a few kB of rows, and a writer that waited for a CPU the
 # read and decode tasks hold would hold every flag in the object store until the stream ends (seen
 # on 2 cores: nothing written after 10,000 rows), which also leaves an interrupted run nothing to keep.
 _WRITE_RESOURCES = {"num_cpus": 0}
-_DECODE_WORKERS = {"env_vars": {"NGT_RAY_WORKERS": "decode"}}
 
 
 def _measure_seconds(p: JobPlan) -> StageCosts:
@@ -87,7 +88,7 @@ def build(p: JobPlan, skip: frozenset[str] = frozenset(), listing: dict[str, int
         # One decode block is one model batch: the actor takes it as it is, with no concatenation.
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": p.decode_size, "ledger": p.actor.ledger},
                             batch_size=p.batch_size, batch_format="pyarrow",
-                            memory=decode_memory(p.batch_size, p.decode_size), runtime_env=_DECODE_WORKERS,
+                            memory=decode_memory(p.batch_size, p.decode_size),
                             scheduling_strategy="SPREAD", **tasks)
     ds = ds.map_batches(
         Moderator, fn_constructor_kwargs={"spec": p.actor}, batch_size=p.batch_size, batch_format="pyarrow",
