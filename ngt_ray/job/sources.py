@@ -141,7 +141,8 @@ def _local_entry(path: str) -> Listed:
 
 
 def _read_objects(batch: dict[str, np.ndarray], loc: Location) -> dict[str, np.ndarray]:
-    """``(uri, bytes, error, read_attempts)`` rows for a batch of object paths.
+    """``(bytes, error, read_attempts)`` columns for a batch of object paths (``_read_listed`` names
+    the rows).
 
     ``ngt_ray.job.fetch`` reads them concurrently, retries transient failures with backoff, and
     classifies the rest: an object that cannot be read (vanished since the listing, forbidden,
@@ -155,8 +156,7 @@ def _read_objects(batch: dict[str, np.ndarray], loc: Location) -> dict[str, np.n
     got = fetch(loc.fs, paths, sizes=sizes)
     blobs = [value if isinstance(value, bytes) else b"" for value in got.results]
     errors = ["" if isinstance(value, bytes) else str(value) for value in got.results]
-    return {"uri": np.array([loc.uri(p) for p in paths], dtype=object),
-            "bytes": np.array(blobs, dtype=object), "error": np.array(errors, dtype=object),
+    return {"bytes": np.array(blobs, dtype=object), "error": np.array(errors, dtype=object),
             "read_attempts": np.array(got.attempts, dtype=np.int16)}
 
 
