@@ -452,10 +452,16 @@ def test_kuberay_schemas_are_found() -> None:
     assert kuberay_schema_dir().is_dir()
 
 
+def _docs_in(name: str) -> list[dict[str, Any]]:
+    """The Ray resources (RayCluster, RayJob) of one manifest file; a file with none fails."""
+    docs = [doc for path, doc in ray_docs() if path.name == name]
+    assert docs, f"{name} holds no RayCluster or RayJob"
+    return docs
+
+
 @pytest.mark.parametrize("name", RAY_MANIFESTS)
 def test_kuberay_manifest_matches_the_crd(name: str) -> None:
-    docs = [doc for path, doc in ray_docs() if path.name == name]
-    assert docs
+    docs = _docs_in(name)
     for doc in docs:
         errors = crd_errors(doc)
         assert not errors, f"{name}: {doc['kind']} breaks its CRD:\n" + "\n".join(errors)
@@ -498,8 +504,7 @@ def test_int_or_string_accepts_both() -> None:
 
 @pytest.mark.parametrize("name", RAY_MANIFESTS)
 def test_kuberay_cluster_autoscales_with_a_gpu_group_and_a_cpu_free_head(name: str) -> None:
-    docs = [doc for path, doc in ray_docs() if path.name == name]
-    assert docs
+    docs = _docs_in(name)
     for doc in docs:
         spec = cluster_spec(doc)
         assert spec.get("rayVersion") == pinned_ray_version()
