@@ -27,14 +27,27 @@ import logging
 import random
 import re
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
-import botocore.exceptions as boto
 import fsspec
-from botocore.parsers import ResponseParserError
 from fsspec.exceptions import FSTimeoutError
+
+try:
+    import botocore.exceptions as boto
+    from botocore.parsers import ResponseParserError
+except ModuleNotFoundError:  # an image without S3 support (the GPU check's): local reads raise no botocore error
+
+    class _NeverRaised(Exception):
+        """Stands in for botocore's exception types where botocore is not installed."""
+
+    boto = types.SimpleNamespace(**dict.fromkeys(
+        ("BotoCoreError", "ClientError", "ConnectTimeoutError", "ReadTimeoutError", "IncompleteReadError",
+         "ResponseStreamingError", "ConnectionClosedError", "EndpointConnectionError", "HTTPClientError"),
+        _NeverRaised))
+    ResponseParserError = _NeverRaised
 
 from ngt_ray.storage import redact
 
