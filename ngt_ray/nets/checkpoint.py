@@ -17,6 +17,7 @@ import torch
 from ngt_ray.grouptesting.calibration import CalibrationRow, calibration_table
 from ngt_ray.grouptesting.grouping import nearest_size
 from ngt_ray.nets.backbone import build_backbone
+from ngt_ray.nets.heads import build_head
 from ngt_ray.nets.model import GroupTestingModel
 from ngt_ray.nets.surgery import linearise, resize_to_state
 
@@ -107,6 +108,8 @@ class ModelCard:
     # the activations EASIER replaced by the identity
     architecture: dict[str, Any] = field(default_factory=dict)
     compression: dict[str, Any] = field(default_factory=dict)  # what was compressed from, and how
+    # the head's kind and settings (ngt_ray.nets.heads); {} is a linear head
+    head: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.calibration = calibration_table(self.calibration)
@@ -126,7 +129,8 @@ class ModelCard:
         """The untrained model this card describes (ImageNet backbone, fresh head), with the
         activations a compression removed already replaced (layer widths come with the weights)."""
         design = "feature" if self.design == "individual" else self.design
-        model = GroupTestingModel(build_backbone(self.backbone), self.merge_depths or self.merge_at, design)
+        model = GroupTestingModel(build_backbone(self.backbone), self.merge_depths or self.merge_at, design,
+                                  head=build_head(self.backbone, self.head))
         linearise(model, self.architecture.get("identity", []))
         return model
 

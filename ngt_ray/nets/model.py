@@ -116,7 +116,8 @@ class GroupTestingModel(nn.Module):
     one by one (a group of one is the image itself under every design).
     """
 
-    def __init__(self, backbone: StagedBackbone, merge_at: int | Sequence[int], design: str = "feature") -> None:
+    def __init__(self, backbone: StagedBackbone, merge_at: int | Sequence[int], design: str = "feature",
+                 head: nn.Module | None = None) -> None:
         super().__init__()
         depths = (merge_at,) if isinstance(merge_at, int) else tuple(merge_at)
         if design not in DESIGNS:
@@ -125,7 +126,8 @@ class GroupTestingModel(nn.Module):
         self.backbone = backbone
         self.design = design
         self.merge_depths = depths
-        self.head = nn.Linear(backbone.spec.feature_dim, 1)
+        # pooled features to one logit: a linear layer unless given (``ngt_ray.nets.heads``)
+        self.head = head if head is not None else nn.Linear(backbone.spec.feature_dim, 1)
 
     @property
     def merge_at(self) -> int:

@@ -1,9 +1,13 @@
 """Train the individual and the group (screen) model for the rare class, then calibrate them.
 
-Individual model: the ImageNet backbone stays frozen at its native resolution and a logistic
-head is fitted on its pooled features, from the real photos and copy-paste composites (cut-outs of
-the product-shot positives pasted into the split's scenes: on the firearm test split the model
-flags 32 % of small pasted guns at its threshold, the revolver model trained without them 1.5 %).
+Individual model: the ImageNet backbone stays frozen at its native resolution and a head is fitted
+on its pooled features (``ngt_ray.training.heads``): a penalised logistic regression whose penalty
+is chosen on val, optionally beside ImageNet's own log-probability of related classes as a prior
+(``--imagenet-classes``; ``ngt_ray.nets.heads``), and optionally with degraded copies of the
+training photos (``--degrade``) and copy-paste composites (``--paste``). On the firearm manifest,
+what generalised to in-scene photos of unseen families was the prior, a strong penalty and a third
+of the photos degraded; composites made the model flag the everyday scenes they were pasted into
+(docs/firearm/README.md), so the firearm command turns them off.
 Group model, any design (pixel, feature, tree merge): the stages before ``train_from`` stay frozen
 and the per-image embeddings are cached once; the stages after and the head are fine-tuned on
 merged groups of k (label = any positive, optionally the individual model's verdict as a soft
@@ -30,12 +34,14 @@ from torch import nn
 from ngt_ray.grouptesting.calibration import auc_of, binary_metrics, threshold_for_recall
 from ngt_ray.nets.backbone import BACKBONES, build_backbone
 from ngt_ray.nets.checkpoint import ModelCard, model_stem, save_checkpoint
+from ngt_ray.nets.heads import build_head
 from ngt_ray.nets.model import DESIGNS, GroupTestingModel
 from ngt_ray.nets.runtime import pick_device
 from ngt_ray.options import option
 from ngt_ray.tools.calibrate import FittingOptions, calibrate_sizes
 from ngt_ray.training.copypaste import pasted_positives
 from ngt_ray.training.datasets import LabelledImage, caltech_split
+from ngt_ray.training.degrade import degraded_copies
 from ngt_ray.training.embeddings import (
     embed_images,
     hard_negative_weights,
@@ -44,6 +50,7 @@ from ngt_ray.training.embeddings import (
     training_embeddings,
 )
 from ngt_ray.training.finetune import FinetuneConfig, finetune_groups
+from ngt_ray.training.heads import fit_head
 from ngt_ray.training.labelled import LabelledSet
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,12 @@ class TrainConfig(FittingOptions):
                                                    "positives, 0.99 means every one, however odd, sets it")
     distill: float = option(0.0, "weight of the individual model's verdict on a group (its members' largest "
                                  "logit) as a soft target of the group model, beside the labels")
+    imagenet_classes: tuple[int, ...] = option((), "ImageNet-1k class indices whose log-probability the individual "
+                                                   "model's head keeps as a prior (ngt_ray.nets.heads; firearms: "
+                                                   "413,763,764); default: a plain linear head")
+    screen: bool = option(True, "also train and calibrate the group (screen) model")
+    degrade: float = option(0.0, "fraction of train photos the individual model also sees as degraded copies: "
+                                 "dark, blurred, grey, compressed (ngt_ray.training.degrade)")
 
     @property
     def depths(self) -> tuple[int, ...]:
@@ -95,29 +108,17 @@ class TrainConfig(FittingOptions):
 
 
 
-def _fit_head(features: torch.Tensor, labels: np.ndarray, epochs: int, seed: int) -> nn.Linear:
-    """Logistic regression on frozen features, positives up-weighted to the negative count."""
-    torch.manual_seed(seed)
-    y = torch.as_tensor(labels, dtype=torch.float32)
-    head = nn.Linear(features.shape[1], 1)
-    pos_weight = (y.numel() - y.sum()) / y.sum().clamp(min=1)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-3)
-    for _ in range(epochs):
-        opt.zero_grad()
-        loss = loss_fn(head(features).squeeze(1), y)
-        loss.backward()
-        opt.step()
-    return head
-
-
-def _logits(head: nn.Linear, features: torch.Tensor) -> np.ndarray:
+def _logits(head: nn.Module, features: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
-        return head(features.to(head.weight.device)).squeeze(1).float().cpu().numpy()
+        return head(features.to(next(head.parameters()).device)).squeeze(1).float().cpu().numpy()
 
 
-def _scores(head: nn.Linear, features: torch.Tensor) -> np.ndarray:
+def _scores(head: nn.Module, features: torch.Tensor) -> np.ndarray:
     return torch.sigmoid(torch.from_numpy(_logits(head, features))).numpy()
+
+
+def _head_spec(cfg: TrainConfig) -> dict[str, Any]:
+    return {"kind": "imagenet-prior", "classes": list(cfg.imagenet_classes)} if cfg.imagenet_classes else {}
 
 
 def _individual_card(cfg: TrainConfig, size: int, scores: np.ndarray, labels: np.ndarray,
@@ -127,7 +128,7 @@ def _individual_card(cfg: TrainConfig, size: int, scores: np.ndarray, labels: np
     return ModelCard(
         backbone=cfg.backbone, design="individual", merge_at=cfg.depths[0] or 4, group_size=1, input_size=size,
         threshold=threshold, trained_modules=["head"],
-        positive_class=cfg.positive_class,
+        positive_class=cfg.positive_class, head=_head_spec(cfg),
         validation={"split": "val", "target_recall": target, "unit": "image",
                     **binary_metrics(labels, scores, threshold)},
         training={"split": "train", "data": source, "max_negatives": cfg.max_negatives, "seed": cfg.seed,
@@ -171,21 +172,28 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
         pasted[split], source["composites"][split] = pasted_positives(splits[split], n, rng) if n else ([], {})
     labels = {s: np.array([lab for _, lab in items]) for s, items in splits.items()}
     labels["train"] = np.concatenate([labels["train"], np.ones(len(pasted["train"]), dtype=int)])
+    # Degraded copies (dark, blurred, compressed) teach the individual model that such a look is no gun.
+    degraded = degraded_copies(splits["train"], cfg.degrade, native, rng) if cfg.degrade else []
+    labels["train"] = np.concatenate([labels["train"], np.array([y for _, y in degraded], dtype=int)])
+    source["degraded_copies"] = {"fraction": cfg.degrade, "train": len(degraded)}
     cards = {}
 
     # Individual model: frozen backbone at native resolution, a logistic-regression head. Its
     # training-set scores also say which negatives are hard for the group model.
-    individual = GroupTestingModel(build_backbone(cfg.backbone), 4).to(device).eval()
+    individual = GroupTestingModel(build_backbone(cfg.backbone), 4,
+                                   head=build_head(cfg.backbone, _head_spec(cfg))).to(device).eval()
     single = {}
     for split, items in splits.items():
-        items = items + pasted["train"] if split == "train" else items
+        items = items + pasted["train"] + degraded if split == "train" else items
         log.info("individual, %s: %d images (%d positive)", split, len(items), labels[split].sum())
         embedded = embed_images(individual, items, native, cfg.batch_size, device)
         single[split] = score_cached_groups(individual, embedded, [[i] for i in range(len(items))], device,
                                             features=True)
-    head = _fit_head(single["train"], labels["train"], cfg.epochs, cfg.seed)
-    individual.head.load_state_dict(head.state_dict())
+    head = individual.head
+    fitted = fit_head(head, (single["train"], labels["train"]), (single["val"], labels["val"]),
+                      epochs=cfg.epochs, seed=cfg.seed)
     cards["individual"] = _individual_card(cfg, native, _scores(head, single["val"]), labels["val"], source)
+    cards["individual"].training["head_fit"] = fitted
     caught: list[LabelledImage] = []  # val composites the individual model flags: the screen must pass them too
     if pasted["val"]:
         embedded = embed_images(individual, pasted["val"], native, cfg.batch_size, device)
@@ -198,6 +206,9 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
         save_checkpoint(individual, cards["individual"], cfg.output / model_stem(cards["individual"]),
                         [k for k in individual.state_dict() if k.startswith("head.")])
     log.info("individual: %s", cards["individual"].validation)
+    if not cfg.screen:
+        log.info("trained in %.0f s", time.perf_counter() - start)
+        return cards
 
     # Group model: stages from ``first_trained`` fine-tuned on merged groups at the screening size.
     size = cfg.screen_size
