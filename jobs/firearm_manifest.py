@@ -69,8 +69,9 @@ def _caltech(root: Path) -> list[dict]:
     for split in ("train", "val", "test"):
         for path, label in caltech_split(root / "caltech101", split):
             cls = Path(path).parent.name
+            # Caltech's own split is by file (the demo's test photos must stay its test photos)
             rows.append({"uri": str(path), "label": label, "source": f"caltech101/{cls}", "split": split,
-                         "family": f"caltech101/{cls}", "scene": ""})
+                         "family": f"caltech101/{cls}/{Path(path).name}", "scene": ""})
     keep = set()
     by_class: dict[str, list[str]] = {}
     for row in rows:

@@ -65,9 +65,9 @@ def caltech() -> Path:
 
 @pytest.fixture(scope="session")
 def real_scenes(caltech) -> Path:
-    """The licensed firearm and everyday-scene photos beside Caltech-101 (fail, never skip)."""
+    """The firearm, weapon and everyday photos beside Caltech-101 (fail, never skip)."""
     root = caltech.parent
-    for name in ("firearms", "scenes"):
+    for name in ("firearms", "scenes", "weapons", "everyday"):
         if not (root / name / "images").is_dir():
             pytest.fail(f"real photos not found at {root / name}; see ../shared/data/README.md")
     return root
