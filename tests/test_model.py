@@ -90,3 +90,21 @@ def test_mac_accounting_matches_flop_counter(model):
     # more than one map, fewer than k
     assert tree_costs.group[1] == tree_costs.group[2] < tree_costs.group[4] < tree_costs.group[8]
     assert tree_costs.group[8] < 8 * tree_costs.group[1]
+
+
+def test_a_cascade_runs_every_stage_per_image_and_a_group_of_one_is_the_image():
+    from ngt_ray.nets.backbone import build_backbone
+    from ngt_ray.nets.model import DESIGNS, GroupTestingModel
+
+    backbone = build_backbone()
+    n = len(backbone)
+    with pytest.raises(ValueError, match="every stage per image"):
+        DESIGNS["cascade"].check((12,), n)
+    model = GroupTestingModel(backbone, n, "cascade").eval()
+    x = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        h = model.embed(x)
+        assert h.shape == (3, backbone.spec.feature_dim)  # the pooled features: nothing is left to share
+        torch.testing.assert_close(model.score_groups(h, [1, 1, 1]), model.head(backbone(x)).squeeze(1))
+        # a group of three is the max over the members' pooled features
+        torch.testing.assert_close(model.score_groups(h, [3]), model.head(h.amax(0, keepdim=True)).squeeze(1))

@@ -8,6 +8,12 @@ Liang & Zou's three parameter-free ways to merge a group, for any backbone given
 * ``tree``: pairwise max at each of several depths (k -> k/2 -> k/4 ...), everything left merged at
   the last depth. Deeper stages see fewer, richer maps.
 
+And one that is no merge at all, the baseline every group screen must beat:
+
+* ``cascade``: the whole network on every image at a low resolution, a head on its pooled features
+  (a "group" of k is a max over the members' pooled features, rarely worth it); only what it flags
+  is confirmed at full resolution. A 128 px forward costs a third of a 224 px one.
+
 A positive feature anywhere in the group survives the max, so "any positive in the group" stays
 detectable while most of the compute is shared by k images. The per-image part (``embed``) is
 separate from the group part (``score_groups``) so that retests of sub-groups reuse cached
@@ -33,13 +39,18 @@ class MergeDesign:
 
     name: str
     reduce: str  # "mean" or "max" over the members (pairs first, at every depth but the last)
-    placement: str  # "input": before the first stage; "one": at one depth; "several": increasing depths
+    placement: str  # "input": before the first stage; "one": at one depth; "several": increasing depths;
+    # "end": after the last stage (pooled features)
 
     def check(self, depths: tuple[int, ...], n_stages: int) -> None:
         """Raise ``ValueError`` unless ``depths`` suit this design on a backbone of ``n_stages``."""
         if self.placement == "input":
             if depths != (0,):
                 raise ValueError(f"{self.name} merge happens before the first stage (merge_at 0), got {depths}")
+            return
+        if self.placement == "end":
+            if depths != (n_stages,):
+                raise ValueError(f"{self.name} runs every stage per image (merge_at {n_stages}), got {depths}")
             return
         if not all(0 < d < n_stages for d in depths):
             raise ValueError(f"merge depths must lie in [1, {n_stages - 1}], got {depths}")
@@ -63,6 +74,7 @@ def register_design(design: MergeDesign) -> MergeDesign:
 register_design(MergeDesign("pixel", "mean", "input"))  # the k images averaged, the whole network per group
 register_design(MergeDesign("feature", "max", "one"))  # per-image stages, one max, the rest per group
 register_design(MergeDesign("tree", "max", "several"))  # pairwise max at each depth, the rest at the last
+register_design(MergeDesign("cascade", "max", "end"))  # no merge: the whole network per image, at a low resolution
 
 
 def _segments(sizes: Sequence[int], arity: int | None) -> tuple[torch.Tensor, list[int]]:
