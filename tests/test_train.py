@@ -65,3 +65,20 @@ def test_training_a_users_own_class_from_folders_gives_models_the_job_uses(calte
         model=str(tmp_path / "models" / "handgun-lite0-tree-k8"),
         individual_model=str(tmp_path / "models" / "handgun-lite0-individual")))
     assert stats["images"] == planted.count and stats["model"] == "handgun-lite0-tree-k8"
+
+
+def test_a_cascade_screen_is_a_head_on_a_low_resolution_forward_calibrated_on_real_flagged_positives(caltech, tmp_path):
+    cards = train(TrainConfig(data=caltech, output=tmp_path, design="cascade", max_negatives=24, val_groups=16,
+                              epochs=20, screen_size=96, calibration_sizes=(1, 2), paste=6, imagenet_classes=(763,),
+                              target_recall=0.98))
+    model, card = load_checkpoint(tmp_path / "revolver-lite0-cascade-k1")
+    assert card == cards["group"] and card.design == "cascade" and card.input_size == 96
+    assert card.merge_depths == [len(model.backbone)] and card.head == cards["individual"].head
+    assert card.training["calibration_positives"]["real"] > 0
+    for size, row in card.calibration.items():
+        assert row.recall >= 0.98
+        rate, low, high = card.validation["calibration"]["pass_rates"][str(size)]["0.9"]
+        assert 0 <= low <= high <= 1 and 0 <= rate <= 1
+    x = torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        assert model(x).shape == (4,)

@@ -38,7 +38,7 @@ from ngt_ray.nets.heads import build_head
 from ngt_ray.nets.model import DESIGNS, GroupTestingModel
 from ngt_ray.nets.runtime import pick_device
 from ngt_ray.options import option
-from ngt_ray.tools.calibrate import FittingOptions, calibrate_sizes
+from ngt_ray.tools.calibrate import FittingOptions, calibrate_sizes, composite_rows
 from ngt_ray.training.copypaste import pasted_positives
 from ngt_ray.training.datasets import LabelledImage, caltech_split
 from ngt_ray.training.degrade import degraded_copies
@@ -95,6 +95,9 @@ class TrainConfig(FittingOptions):
                                                    "model's head keeps as a prior (ngt_ray.nets.heads; firearms: "
                                                    "413,763,764); default: a plain linear head")
     screen: bool = option(True, "also train and calibrate the group (screen) model")
+    mixed_sizes: tuple[int, ...] = option((1, 2, 4, 8, 16), "group sizes drawn in every fine-tuning step (empty: "
+                                                            "--group-size alone)")
+    freeze_batch_norm: bool = option(True, "keep the ImageNet batch-norm statistics of the fine-tuned stages")
     degrade: float = option(0.0, "fraction of train photos the individual model also sees as degraded copies: "
                                  "dark, blurred, grey, compressed (ngt_ray.training.degrade)")
 
@@ -126,7 +129,7 @@ def _individual_card(cfg: TrainConfig, size: int, scores: np.ndarray, labels: np
     target = cfg.individual_recall or cfg.target_recall
     threshold = threshold_for_recall(scores[labels == 1], target)
     return ModelCard(
-        backbone=cfg.backbone, design="individual", merge_at=cfg.depths[0] or 4, group_size=1, input_size=size,
+        backbone=cfg.backbone, design="individual", merge_at=4, group_size=1, input_size=size,
         threshold=threshold, trained_modules=["head"],
         positive_class=cfg.positive_class, head=_head_spec(cfg),
         validation={"split": "val", "target_recall": target, "unit": "image",
@@ -161,7 +164,9 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     backbone = build_backbone(cfg.backbone)
-    model = GroupTestingModel(backbone, cfg.depths, cfg.design).to(device).eval()
+    cascade = cfg.design == "cascade"  # no merge: every stage per image, a head like the individual's
+    model = GroupTestingModel(backbone, (len(backbone),) if cascade else cfg.depths, cfg.design,
+                              head=build_head(cfg.backbone, _head_spec(cfg)) if cascade else None).to(device).eval()
     native = backbone.spec.input_size
     data, source = _labelled(cfg)
     splits = {s: subsample_negatives(data(s), cfg.max_negatives, rng) for s in ("train", "val")}
@@ -210,7 +215,39 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
         log.info("trained in %.0f s", time.perf_counter() - start)
         return cards
 
-    # Group model: stages from ``first_trained`` fine-tuned on merged groups at the screening size.
+    size = cfg.screen_size
+    # Screens are calibrated on the real val positives the individual model flags: held to losing
+    # none of what the confirmation would find, not what it would miss anyway. Composites are
+    # reported beside them (``validation["composites"]``), never set a threshold.
+    flagged = _scores(head, single["val"]) >= cards["individual"].threshold
+    kept = [item for item, y, f in zip(splits["val"], labels["val"], flagged) if not y or f]
+    val_labels = np.array([y for _, y in kept])
+    if cfg.design == "cascade":
+        card, first = _cascade(cfg, model, splits["train"] + degraded, splits["val"], source, device), len(backbone)
+    else:
+        card = _fine_tuned_screen(cfg, model, splits, pasted, labels, single, head, cards["individual"].threshold,
+                                  source, rng, device)
+        first = cfg.first_trained
+    card.training["calibration_positives"] = {"real": int(val_labels.sum()), "composites": len(caught)}
+    embedded_val = embed_images(model, kept, size, cfg.batch_size, device)
+    cards["group"] = calibrate_sizes(model, card, embedded_val, val_labels, cfg.calibration_sizes,
+                                     cfg.target_recall, cfg.val_groups, cfg.seed, device, split="val")
+    if caught:
+        embedded_caught = embed_images(model, caught, size, cfg.batch_size, device)
+        cards["group"].validation["composites"] = composite_rows(
+            model, torch.cat([embedded_val, embedded_caught]),
+            np.concatenate([np.where(val_labels == 1, -1, 0), np.ones(len(caught), dtype=int)]), cards["group"],
+            cfg.seed, device)
+    save_checkpoint(model, cards["group"], cfg.output / model_stem(cards["group"]), model.shared_state_keys(first))
+    log.info("group model: %s", cards["group"].validation)
+    log.info("trained in %.0f s", time.perf_counter() - start)
+    return cards
+
+
+def _fine_tuned_screen(cfg: TrainConfig, model: GroupTestingModel, splits: dict, pasted: dict, labels: dict,
+                       single: dict, head: nn.Module, cards_threshold: float, source: dict[str, Any],
+                       rng: np.random.Generator, device: torch.device) -> ModelCard:
+    """A merge-design screen: stages from ``first_trained`` fine-tuned on merged groups at the screening size."""
     size = cfg.screen_size
     log.info("group model (%s merge at %s): embeddings of train and val at %d px", cfg.design, cfg.depths, size)
     # Composites train the screen only when asked: at the screening size and an early merge a small
@@ -222,17 +259,19 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
         np.concatenate([_scores(head, single["train"])[: len(screen_train)], np.ones(mirrored)]), train_labels,
         cfg.hard_negative_fraction)
     # Frozen ImageNet features do not survive a max over eight images (validation AUC 0.65 with
-    # only the head trained): the late stages, batch norm included, must adapt to merged inputs.
+    # only the head trained): the late stages must adapt to merged inputs.
     member_logits = None
     if cfg.distill:  # the individual model's logit per embedded image (a mirrored copy takes its original's)
         logits = _logits(head, single["train"])[: len(screen_train)]
         member_logits = np.concatenate([logits, logits[labels["train"][: len(screen_train)] == 1]])
+    centre = float(np.log(cards_threshold / (1 - cards_threshold)))  # the individual's decision logit
     losses = finetune_groups(model, embedded, train_labels, weights,
                              FinetuneConfig(cfg.group_size, cfg.steps, cfg.first_trained, cfg.groups_per_step,
-                                            distill_weight=cfg.distill),
+                                            distill_weight=cfg.distill, distill_centre=centre,
+                                            sizes=cfg.mixed_sizes or None, freeze_batch_norm=cfg.freeze_batch_norm),
                              rng, device, member_logits=member_logits)
     first = cfg.first_trained
-    card = ModelCard(
+    return ModelCard(
         backbone=cfg.backbone, design=cfg.design, merge_at=cfg.depths[0], group_size=cfg.group_size,
         input_size=size, threshold=0.5, merge_depths=list(cfg.depths),
         trained_modules=["head", f"backbone.stages[{first}:]"],
@@ -242,18 +281,27 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
                   "steps": cfg.steps, "groups_per_step": cfg.groups_per_step, "positive_group_fraction": 0.5,
                   "hard_negative_fraction": cfg.hard_negative_fraction, "mirrored_positives": mirrored,
                   "final_loss": float(np.mean(losses[-100:])), "frozen": f"backbone.stages[:{first}]",
-                  "distill": cfg.distill},
+                  "distill": cfg.distill, "distill_centre": centre, "mixed_sizes": list(cfg.mixed_sizes),
+                  "freeze_batch_norm": cfg.freeze_batch_norm},
     )
-    # Calibrated on the val positives, real and pasted, that the individual model flags: the screen
-    # is held to losing none of what the confirmation would find, not what it would miss anyway.
-    flagged = _scores(head, single["val"]) >= cards["individual"].threshold
-    kept = [item for item, y, f in zip(splits["val"], labels["val"], flagged) if not y or f]
-    embedded_val = embed_images(model, kept + caught, size, cfg.batch_size, device)
-    card.training["calibration_positives"] = {"real": int((labels["val"] & flagged).sum()), "composites": len(caught)}
-    val_labels = np.array([y for _, y in kept] + [1] * len(caught))
-    cards["group"] = calibrate_sizes(model, card, embedded_val, val_labels, cfg.calibration_sizes,
-                                     cfg.target_recall, cfg.val_groups, cfg.seed, device, split="val")
-    save_checkpoint(model, cards["group"], cfg.output / model_stem(cards["group"]), model.shared_state_keys(first))
-    log.info("group model: %s", cards["group"].validation)
-    log.info("trained in %.0f s", time.perf_counter() - start)
-    return cards
+
+
+def _cascade(cfg: TrainConfig, model: GroupTestingModel, train_items: list[LabelledImage],
+             val_items: list[LabelledImage], source: dict[str, Any], device: torch.device) -> ModelCard:
+    """The no-grouping screen: the frozen backbone at ``screen_size`` and a head fitted as the
+    individual's is (same prior, penalty chosen on val): nothing to fine-tune, so seconds of fitting
+    after one low-resolution forward per photo."""
+    size = cfg.screen_size
+    log.info("cascade screen: pooled features of train and val at %d px", size)
+    features = {}
+    for split, items in (("train", train_items), ("val", val_items)):
+        embedded = embed_images(model, items, size, cfg.batch_size, device)
+        features[split] = (embedded.float(), np.array([y for _, y in items]))
+    fitted = fit_head(model.head, features["train"], features["val"], epochs=cfg.epochs, seed=cfg.seed)
+    return ModelCard(
+        backbone=cfg.backbone, design="cascade", merge_at=len(model.backbone), group_size=1, input_size=size,
+        threshold=0.5, merge_depths=[len(model.backbone)], trained_modules=["head"],
+        validation={"unit": "image"}, positive_class=cfg.positive_class, head=_head_spec(cfg),
+        training={"split": "train", "data": source, "max_negatives": cfg.max_negatives, "seed": cfg.seed,
+                  "examples": len(train_items), "head_fit": fitted, "frozen": "backbone weights"},
+    )

@@ -33,6 +33,15 @@ class FinetuneConfig:
     lr: float = 1e-3  # stages; the head takes ten times this
     pos_weight: float = 1.0  # weight of positive groups in the label loss
     distill_weight: float = 1.0  # weight of the teacher's soft targets (when a teacher is given)
+    # the individual model's decision logit: its members' largest logit is centred there, so an
+    # all-negative group's soft target is low (uncentred, a group of 8 got 0.63)
+    distill_centre: float = 0.0
+    # group sizes drawn in every step (default: group_size alone); halving scores every size down
+    # to 1, so a screen trained on one size alone loses the others (k = 1 AUC 0.94 -> 0.70)
+    sizes: tuple[int, ...] | None = None
+    # batch-norm statistics of the trained stages stay the ImageNet ones (affine still trained);
+    # fitted to k = 8 maxima they misnormalise every other size
+    freeze_batch_norm: bool = False
 
 
 def group_loss(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 1.0,
@@ -57,8 +66,8 @@ def finetune_groups(model: GroupTestingModel, embedded: torch.Tensor, labels: np
     also grades negatives (a gun-like negative group is nearer the boundary than a kitchen), a
     denser signal than the labels for a screen learning from few positives.
 
-    Batch norm runs in training mode, so its statistics adapt to merged maps, whose values are
-    maxima over several images and larger than any single image's.
+    Batch norm runs in training mode (its statistics adapt to merged maps, maxima over several
+    images) unless ``cfg.freeze_batch_norm``; groups are of ``cfg.sizes`` when given.
     """
     late = model.backbone.stages[cfg.first_trained :]
     for p in model.backbone.stages[: cfg.first_trained].parameters():
@@ -73,9 +82,15 @@ def finetune_groups(model: GroupTestingModel, embedded: torch.Tensor, labels: np
     else:  # too few steps for a warm-up and a decay: a constant rate
         sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
     late.train()
+    if cfg.freeze_batch_norm:
+        for module in late.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    sizes = cfg.sizes or (cfg.group_size,)
+    per_size = max(1, cfg.groups_per_step // len(sizes))
     losses: list[float] = []
     for step in range(cfg.steps):
-        groups = sample_groups(labels, cfg.group_size, cfg.groups_per_step, rng, negative_weights=weights)
+        groups = [g for k in sizes for g in sample_groups(labels, k, per_size, rng, negative_weights=weights)]
         y = torch.tensor([float(labels[g].any()) for g in groups], device=device)
         h, sizes = gather(embedded, groups, device), [len(g) for g in groups]
         teacher_logits = None
@@ -83,7 +98,8 @@ def finetune_groups(model: GroupTestingModel, embedded: torch.Tensor, labels: np
             with torch.no_grad():
                 teacher_logits = teacher.score_groups(h, sizes)
         elif member_logits is not None:
-            teacher_logits = torch.tensor([float(member_logits[g].max()) for g in groups], device=device)
+            teacher_logits = torch.tensor([float(member_logits[g].max()) - cfg.distill_centre for g in groups],
+                                          device=device)
         loss = group_loss(model.score_groups(h, sizes), y, cfg.pos_weight, teacher_logits, cfg.distill_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
