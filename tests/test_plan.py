@@ -6,6 +6,7 @@ import pytest
 
 from ngt_ray.job.placement import PlacementError
 from ngt_ray.job.plan import ModerationConfig, actor_placement, plan
+from ngt_ray.nets.checkpoint import read_card
 
 
 def test_gpu_actors_share_each_gpu_and_the_pool_grows_with_the_cluster():
@@ -60,7 +61,8 @@ def test_plan_decides_batches_decode_and_models_up_front():
     on_gpu = plan(ModerationConfig(input="in", output="out"), {"CPU": 16, "GPU": 1})
     assert on_gpu.batch_size == 1024 and on_gpu.decode_in_tasks and not on_gpu.actor.decode_here
     assert on_gpu.timing_batch == on_gpu.batch_size  # auto k is timed the way the actors run
-    assert on_gpu.actor.screen_model and on_gpu.decode_size == 160 and on_gpu.info["decode"] == "cpu"
+    screen_size = read_card(on_gpu.actor.screen_model).input_size  # the screen's own size: decode makes that
+    assert on_gpu.decode_size == screen_size < 224 and on_gpu.info["decode"] == "cpu"
     few_cpus = plan(ModerationConfig(input="in", output="out"), {"CPU": 16, "GPU": 4})  # CPUs are short: nvJPEG
     assert few_cpus.actor.decode_here and not few_cpus.decode_in_tasks and few_cpus.info["decode"] == "gpu"
     forced = plan(ModerationConfig(input="in", output="out", decode="gpu"), {"CPU": 2})
@@ -93,3 +95,16 @@ def test_a_decode_task_that_no_node_can_hold_fails_at_once_saying_what_to_change
     assert plan(ModerationConfig(input="in", output="out", batch_size=16), node).batch_size == 16
     with pytest.raises(PlacementError, match="nodes need at least"):
         plan(ModerationConfig(input="in", output="out"), [{"CPU": 2, "memory": 512 * 2**20}])
+
+
+def test_by_default_the_plan_runs_the_packaged_screen_it_expects_to_cost_least(tmp_path):
+    from ngt_ray.nets.checkpoint import default_screens
+
+    cfg = ModerationConfig(input=str(tmp_path), output=str(tmp_path / "out"))
+    p = plan(cfg, {"CPU": 4})
+    costs = dict(item.rsplit(" ", 1) for item in p.info["screen_choice"].split(", "))
+    assert set(costs) == {stem.name for stem in default_screens()} and len(costs) >= 2
+    assert p.info["model"] == min(costs, key=lambda name: float(costs[name]))
+    # a named design or model is run as asked
+    assert plan(ModerationConfig(input=str(tmp_path), output=str(tmp_path / "o"), design="tree"),
+                {"CPU": 4}).info["design"] == "tree"

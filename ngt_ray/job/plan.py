@@ -9,6 +9,7 @@ Ray Data chain.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -17,10 +18,17 @@ from typing import Any
 
 from ngt_ray.grouptesting.algorithms import ALGORITHMS, get_algorithm
 from ngt_ray.grouptesting.cost_table import StageCosts, plan_sizes
+from ngt_ray.grouptesting.planning import ScreenQuality, choose_group_size, expected_cost
 from ngt_ray.job.contracts import ActorSpec
 from ngt_ray.job.placement import Nodes, Placement, PlacementError, actor_placement, cluster_totals
 from ngt_ray.job.stages import decode_memory
-from ngt_ray.nets.checkpoint import default_screen_model, individual_model_for
+from ngt_ray.nets.checkpoint import (
+    DEFAULT_INDIVIDUAL_MODEL,
+    default_screen_model,
+    default_screens,
+    individual_model_for,
+    read_card,
+)
 from ngt_ray.nets.model import DESIGNS
 from ngt_ray.nets.profiling import stage_macs
 from ngt_ray.nets.runtime import RUNTIMES
@@ -65,8 +73,9 @@ class ModerationConfig(OnCluster):
     key_column: str | None = option(None, "column with a unique key per image in Parquet input, or the key "
                                           "column of --input-manifest (default: detected)")
     s3_endpoint: str | None = option(None, "S3 endpoint URL (default: $AWS_ENDPOINT_URL or AWS)")
-    design: str = option("tree", "merge design: picks the packaged screen model (ignored with --model)",
-                         choices=lambda: list(DESIGNS))
+    design: str = option("auto", "picks the packaged screen model (ignored with --model): a merge design, the "
+                                 "cascade (no grouping, a low-resolution forward), or auto: the one the planner "
+                                 "expects to cost least at --prevalence-prior", choices=lambda: ["auto", *DESIGNS])
     model: str | None = option(None, "screen (group) checkpoint stem (default: the packaged one of --design)")
     individual_model: str | None = option(None, "confirmation checkpoint stem (default: the packaged individual "
                                                 "model of the screen's class)")
@@ -170,13 +179,53 @@ def _input_root(cfg: ModerationConfig) -> str:
     return loc.object_uri(loc.path).rstrip("/") + "/"
 
 
+@functools.cache
+def _screen_macs(screen: str, individual: str) -> StageCosts:
+    """MACs of a screen and its confirmation at every size the screen's calibrated sizes test;
+    counted once per process (flop counting a tree screen at 32 sizes takes seconds)."""
+    screen_model, card = load_model(screen)
+    individual_model, individual_card = load_model(individual)
+    return stage_macs(screen_model, individual_model, card.input_size, individual_card.input_size,
+                      plan_sizes(card.calibrated_sizes))
+
+
+def cheapest_screen(cfg: ModerationConfig) -> tuple[str, dict[str, float]]:
+    """The packaged screen of the default class with the lowest expected cost per image at the
+    prevalence prior (MACs, each at its best calibrated k), and every candidate's cost as a share of
+    the individual model's: the default job never spends more than the cheapest honest option.
+    Only screens confirmed by the same individual model compete."""
+    individual = cfg.individual_model or str(DEFAULT_INDIVIDUAL_MODEL)
+    costs = {}
+    for stem in default_screens():
+        card = read_card(stem)
+        if cfg.individual_model is None and individual_model_for(card) != DEFAULT_INDIVIDUAL_MODEL:
+            continue
+        macs = _screen_macs(str(stem), individual)
+        quality = ScreenQuality.from_card(card.calibration)
+        p = cfg.prevalence_prior
+        k = choose_group_size(cfg.algorithm, card.calibrated_sizes, p, macs, quality, cfg.min_size)
+        costs[str(stem)] = expected_cost(cfg.algorithm, k, p, macs, quality, cfg.min_size) / macs.confirm
+    if not costs:
+        return str(default_screen_model("tree")), {}
+    best = min(costs, key=costs.get)
+    log.info("screen: %s (expected cost per image, share of the individual model's: %s)", Path(best).name,
+             ", ".join(f"{Path(s).name} {c:.3f}" for s, c in costs.items()))
+    return best, {Path(s).name: c for s, c in costs.items()}
+
+
 def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
     """Decide the job for a cluster of ``nodes``, each node's total resources (``[{"CPU": 16, "GPU": 1}]``;
     one mapping is one node)."""
     nodes = [nodes] if isinstance(nodes, Mapping) else list(nodes)
     _validate(cfg)
     individual = not cfg.screen
-    model = cfg.model or str(default_screen_model(cfg.design))
+    choice: dict[str, float] = {}
+    if cfg.model:
+        model = cfg.model
+    elif cfg.design == "auto" and not cfg.stub_models:
+        model, choice = cheapest_screen(cfg)
+    else:
+        model = str(default_screen_model("tree" if cfg.design == "auto" else cfg.design))
     screen_model, screen_card = load_model(model, stub=cfg.stub_models)
     individual_stem = cfg.individual_model or str(individual_model_for(screen_card))
     individual_model, individual_card = load_model(individual_stem, stub=cfg.stub_models)
@@ -188,7 +237,8 @@ def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
         log.warning("group size %d was not calibrated for %s; using the threshold of the nearest calibrated size",
                     k, model)
     sizes = plan_sizes(screen_card.calibrated_sizes if auto else k)
-    macs = stage_macs(screen_model, individual_model, screen_card.input_size, individual_card.input_size, sizes)
+    macs = (_screen_macs(model, individual_stem) if auto and not cfg.stub_models else
+            stage_macs(screen_model, individual_model, screen_card.input_size, individual_card.input_size, sizes))
 
     placement = actor_placement(nodes, cfg.device, cfg.max_actors, cfg.actors_per_gpu)
     on_gpu = placement.on_gpu
@@ -226,6 +276,8 @@ def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
         "batch_size": batch,
         "max_actors": placement.max_actors,
         "stub_models": cfg.stub_models,
+        # the planner's expected cost per image of each packaged screen, as a share of the individual's
+        "screen_choice": ", ".join(f"{name} {cost:.3f}" for name, cost in choice.items()),
         **cfg.extra_info,
     }
     return JobPlan(

@@ -22,7 +22,7 @@ from ngt_ray.nets.model import GroupTestingModel
 from ngt_ray.nets.surgery import linearise, resize_to_state
 
 __all__ = [
-    "DEFAULT_CLASS", "DEFAULT_INDIVIDUAL_MODEL", "ModelCard", "default_screen_model", "get_model",
+    "DEFAULT_CLASS", "DEFAULT_INDIVIDUAL_MODEL", "ModelCard", "default_screen_model", "default_screens", "get_model",
     "individual_model_for", "list_models", "load_checkpoint",
     "model_stem", "packaged_screen_models", "read_card", "save_checkpoint", "write_card",
 ]
@@ -75,6 +75,17 @@ def default_screen_model(design: str = "tree", compressed: bool = True) -> Path:
         raise FileNotFoundError(f"no packaged {design!r} screen model; train one with ngt-ray train "
                                 f"--design {design} and pass --model")
     return found[0]
+
+
+def default_screens() -> list[Path]:
+    """The packaged screens the default class can run with: one per design, its compressed version
+    where there is one (``default_screen_model``)."""
+    found = {}
+    for stem in packaged_screen_models():
+        card = read_card(stem)
+        if card.positive_class == DEFAULT_CLASS and card.design not in found:
+            found[card.design] = default_screen_model(card.design)
+    return list(found.values())
 
 
 def individual_model_for(screen: ModelCard) -> Path:
