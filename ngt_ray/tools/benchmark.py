@@ -72,6 +72,10 @@ class BenchmarkConfig(OnCluster, Photos):
     actors_per_gpu: int = option(2, "model actors sharing each GPU, in every pipeline")
     workers: int | None = option(None, "processes that build the bucket (default: all cores)")
     compare_decode: bool = option(False, "also run (c) with --decode cpu, to place decode by measurement")
+    # The generated bucket plants Caltech revolvers, so the revolver pair is the default; with
+    # --input (a firearm bucket, say) name the pair that class uses.
+    model: str = option("revolver-lite0-tree-k8-compressed", "screen of (c) (a checkpoint stem or packaged name)")
+    individual_model: str = option("revolver-lite0-individual", "model of (a) and (b), and the confirmation of (c)")
 
 
 def _write_jpeg(job: tuple[Path, Path, bool, int, int]) -> None:
@@ -110,11 +114,6 @@ def make_jpeg_bucket(data: Path, root: Path, n: int, prevalence: float, width: i
     return root, planted
 
 
-# The bucket plants Caltech revolvers, and group testing pays on that class (the CPU-trained firearm
-# screen does not yet, so the default class would be confirmed unscreened and (c) would equal (b)).
-_SCREEN, _INDIVIDUAL = get_model("revolver-lite0-tree-k8-compressed"), get_model("revolver-lite0-individual")
-
-
 class _PlainClassifier(ModelActor):
     """The plain recipe's model stage: decoded HWC arrays in, one score per image out. It loads the
     model as ngt-ray's actors do (same runtime levers), so only the input path differs."""
@@ -128,12 +127,12 @@ class _PlainClassifier(ModelActor):
 
 def _plain(bucket: str, out: Path, cfg: BenchmarkConfig, on_gpu: bool) -> dict[str, float]:
     """(a), with the resources ngt-ray gives its model actors in (b), so only the input path differs."""
-    size = load_checkpoint(_INDIVIDUAL)[1].input_size
+    size = load_checkpoint(get_model(cfg.individual_model))[1].input_size
     placement = actor_placement(cluster_nodes(), "cuda" if on_gpu else "cpu",
                                 actors_per_gpu=cfg.actors_per_gpu)
     ds = ray.data.read_images(bucket, size=(size, size), mode="RGB", include_paths=True)
     ds = ds.map_batches(_PlainClassifier, fn_constructor_kwargs={
-        "model_path": str(_INDIVIDUAL), "device": "cuda" if on_gpu else "cpu",
+        "model_path": str(get_model(cfg.individual_model)), "device": "cuda" if on_gpu else "cpu",
         "threads": placement.threads, "runtime": cfg.runtime, "stub": cfg.stub_models},
         batch_size=512 if on_gpu else 32, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=placement.pool_max),
         batch_format="numpy", **placement.resources)
@@ -226,7 +225,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
 
     common = {"ray_address": cfg.ray_address, "device": "cuda" if on_gpu else "cpu", "runtime": cfg.runtime,
               "decode": cfg.decode, "measure_time": False, "seed": cfg.seed, "stub_models": cfg.stub_models,
-              "actors_per_gpu": cfg.actors_per_gpu, "model": str(_SCREEN), "individual_model": str(_INDIVIDUAL),
+              "actors_per_gpu": cfg.actors_per_gpu, "model": str(get_model(cfg.model)),
+              "individual_model": str(get_model(cfg.individual_model)),
               "overwrite": True}  # a re-run in the same --workdir measures again, never resumes
     timed("plain", lambda: _plain(bucket, workdir / "plain", cfg, on_gpu))
     timed("individual", lambda: _compact(run_moderation(ModerationConfig(

@@ -31,7 +31,8 @@ from ngt_ray.grouptesting.algorithms import ALGORITHMS, get_algorithm, screen
 from ngt_ray.grouptesting.buckets import plant
 from ngt_ray.grouptesting.calibration import roc_auc
 from ngt_ray.grouptesting.cost_table import StageCosts, plan_sizes
-from ngt_ray.nets.checkpoint import individual_model_for, load_checkpoint, packaged_screen_models
+from ngt_ray.grouptesting.planning import ScreenQuality, choose_group_size, expected_cost
+from ngt_ray.nets.checkpoint import ModelCard, individual_model_for, load_checkpoint, packaged_screen_models
 from ngt_ray.nets.profiling import stage_macs, stage_seconds
 from ngt_ray.nets.runtime import pick_device
 from ngt_ray.options import Common, Photos, option
@@ -165,7 +166,7 @@ def evaluate(cfg: EvaluationConfig) -> pa.Table:
             confirmations[stem] = (individual, individual_card, scores >= individual_card.threshold)
         return confirmations[stem]
 
-    rows = []
+    rows, screens = [], []
     for stem in cfg.models or packaged_screen_models():
         model, card = load_checkpoint(stem, map_location=device)
         if card.design == "individual":
@@ -174,6 +175,9 @@ def evaluate(cfg: EvaluationConfig) -> pa.Table:
             cfg.individual_model or str(individual_model_for(card)))
         sizes = plan_sizes(cfg.sizes)
         macs = stage_macs(model, individual, card.input_size, individual_card.input_size, sizes)
+        screens.append(screen_rows(Path(stem).name, card, stage_macs(
+            model, individual, card.input_size, individual_card.input_size, plan_sizes(card.calibrated_sizes)),
+            cfg.algorithms[0], cfg.prevalences))
         seconds = (stage_seconds(model, individual, card.input_size, individual_card.input_size, sizes, device)
                    if cfg.timing else None)
         model, individual = model.to(device), individual.to(device)
@@ -198,8 +202,43 @@ def evaluate(cfg: EvaluationConfig) -> pa.Table:
         table = _write(rows, cfg)  # after every model, so a long run keeps what it has measured
     if not rows:
         raise ValueError("no screen models to evaluate (individual models have no group test)")
+    report = calibration_markdown(screens, cfg.prevalences)
+    (cfg.output / "screens.md").write_text(report + "\n")
+    print(report)
     print(_markdown(table, cfg, best_only=True))
     return table
+
+
+def screen_rows(name: str, card: ModelCard, macs: StageCosts, algorithm: str,
+                prevalences: Sequence[float]) -> dict:
+    """What sets a screen's saving, from its card: per calibrated size the negative-group pass rate
+    at recall 0.9 / 0.95 / 0.99 of positive groups (95 % bootstrap intervals) and AUC, and the
+    planner's predicted compute_saving at each prevalence (its best k)."""
+    rates = card.validation.get("calibration", {}).get("pass_rates", {})
+    quality = ScreenQuality.from_card(card.calibration)
+    saving = {}
+    for p in prevalences:
+        k = choose_group_size(algorithm, card.calibrated_sizes, p, macs, quality)
+        saving[p] = (k, 1.0 - expected_cost(algorithm, k, p, macs, quality) / macs.confirm)
+    return {"model": name, "design": card.design, "input_size": card.input_size, "rates": rates,
+            "auc": {k: row.auc for k, row in card.calibration.items()}, "saving": saving,
+            "per_image": macs.embed / macs.confirm}
+
+
+def calibration_markdown(screens: list[dict], prevalences: Sequence[float]) -> str:
+    """The screens side by side: pass rates with intervals per size, and the planned saving."""
+    lines = ["| screen | per image | k | AUC | pass @ recall 0.9 | 0.95 | 0.99 |", "|---|---|---|---|---|---|---|"]
+    for s in screens:
+        for k, auc in sorted(s["auc"].items()):
+            r = s["rates"].get(str(k), {})
+            cells = [f"{v[0]:.2f} ({v[1]:.2f}-{v[2]:.2f})" if v else "-" for v in (r.get(t) for t in ("0.9", "0.95",
+                                                                                                          "0.99"))]
+            lines.append(f"| {s['model']} | {s['per_image']:.3f} | {k} | {auc:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "| screen | " + " | ".join(f"planned saving at {100 * p:g} % (k)" for p in prevalences) + " |",
+              "|---|" + "---|" * len(prevalences)]
+    for s in screens:
+        lines.append(f"| {s['model']} | " + " | ".join(f"{v:.2f} ({k})" for k, v in s["saving"].values()) + " |")
+    return "\n".join(lines)
 
 
 def _write(rows: list[dict], cfg: EvaluationConfig) -> pa.Table:
