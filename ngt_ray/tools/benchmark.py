@@ -321,5 +321,7 @@ def write_markdown(folder: Path, markdown: Path) -> None:
              "200 ms during the run. `-stub-models` sections replace every model by a near-zero-compute stand-in, "
              "so they show the cost of everything but the models."), ""]
     for path in sorted(Path(folder).glob("*.json")):
-        parts.append(_table(json.loads(path.read_text())))
+        result = json.loads(path.read_text())
+        if "device" in result:  # other jobs' JSON shares the folder (first-output.json)
+            parts.append(_table(result))
     markdown.write_text("\n".join(parts))
