@@ -251,3 +251,13 @@ def test_the_same_objects_and_seed_give_the_same_groups_wherever_the_bucket_live
 
     here = groups_and_decisions(tmp_path / "here")
     assert here == groups_and_decisions(tmp_path / "there") and len(here) == planted.count
+
+
+def test_the_default_screen_keeps_what_the_individual_model_finds_at_less_compute(planted, tmp_path):
+    flags, stats = _run(tmp_path / "default", str(planted.root))
+    alone, alone_stats = _run(tmp_path / "alone", str(planted.root), screen=False)
+    assert flags.num_rows == alone.num_rows == planted.count
+    found, by_individual = _names(flags, flagged_only=True), _names(alone, flagged_only=True)
+    # the same individual model confirms, so the screen can only lose finds, never add one
+    assert found <= by_individual and len(found) >= 0.9 * len(by_individual)
+    assert alone_stats["compute_saving"] == 0 and stats["compute_saving"] > 0.3
