@@ -86,11 +86,11 @@ def finetune_groups(model: GroupTestingModel, embedded: torch.Tensor, labels: np
         for module in late.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
-    sizes = cfg.sizes or (cfg.group_size,)
-    per_size = max(1, cfg.groups_per_step // len(sizes))
+    drawn = cfg.sizes or (cfg.group_size,)
+    per_size = max(1, cfg.groups_per_step // len(drawn))
     losses: list[float] = []
     for step in range(cfg.steps):
-        groups = [g for k in sizes for g in sample_groups(labels, k, per_size, rng, negative_weights=weights)]
+        groups = [g for k in drawn for g in sample_groups(labels, k, per_size, rng, negative_weights=weights)]
         y = torch.tensor([float(labels[g].any()) for g in groups], device=device)
         h, sizes = gather(embedded, groups, device), [len(g) for g in groups]
         teacher_logits = None
