@@ -173,12 +173,12 @@ def evaluate(cfg: EvaluationConfig) -> pa.Table:
             continue
         individual, individual_card, individual_flag = confirmation(
             cfg.individual_model or str(individual_model_for(card)))
-        sizes = plan_sizes(cfg.sizes)
+        # the grid's sizes and the calibrated ones (the planner's), counted once
+        sizes = plan_sizes(sorted({*cfg.sizes, *card.calibrated_sizes}))
         macs = stage_macs(model, individual, card.input_size, individual_card.input_size, sizes)
-        screens.append(screen_rows(Path(stem).name, card, stage_macs(
-            model, individual, card.input_size, individual_card.input_size, plan_sizes(card.calibrated_sizes)),
-            cfg.algorithms[0], cfg.prevalences))
-        seconds = (stage_seconds(model, individual, card.input_size, individual_card.input_size, sizes, device)
+        screens.append(screen_rows(Path(stem).name, card, macs, cfg.algorithms[0], cfg.prevalences))
+        seconds = (stage_seconds(model, individual, card.input_size, individual_card.input_size,
+                                 plan_sizes(cfg.sizes), device)
                    if cfg.timing else None)
         model, individual = model.to(device), individual.to(device)
         log.info("%s: embedding %d images at %d px", Path(stem).name, len(items), card.input_size)
