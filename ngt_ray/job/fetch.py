@@ -132,7 +132,8 @@ class Fetched:
 def single_attempt_client(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
     """The same filesystem making one attempt per read (S3: no botocore or s3fs retries, and no HEAD
     before each GET, which s3fs sends to decide on a chunked read); other filesystems as they are."""
-    if fs.protocol not in ("s3", "s3a") and "s3" not in fs.protocol:  # no S3 here: s3fs need not be installed
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & {"s3", "s3a"}:  # not S3: s3fs need not even be installed
         return fs
     import s3fs
 
