@@ -37,7 +37,8 @@ from ngt_ray.grouptesting.calibration import roc_auc
 from ngt_ray.nets.backbone import build_backbone
 from ngt_ray.nets.checkpoint import load_checkpoint
 from ngt_ray.nets.decode import decode_image
-from ngt_ray.nets.heads import ImageNetPriorHead, build_head
+from ngt_ray.nets.heads import build_head, zero_shot_head
+from ngt_ray.nets.model import GroupTestingModel
 from ngt_ray.training.degrade import degrade
 from ngt_ray.training.embeddings import embed_images
 from ngt_ray.training.heads import fit_head
@@ -112,7 +113,7 @@ def cross_source(m: Manifest, features: torch.Tensor, classes: list[int], backbo
     train; the zero-shot head's AUROC on the same photos beside it."""
     out = {}
     with torch.no_grad():
-        zero_shot = _zero_shot(backbone, classes)(features).squeeze(1).numpy()
+        zero_shot = zero_shot_head(backbone, classes)(features).squeeze(1).numpy()
     for held in CROSS_SOURCES:
         keep = m.source != held
         train, val = (m.split == "train") & keep, (m.split == "val") & keep
@@ -127,14 +128,6 @@ def cross_source(m: Manifest, features: torch.Tensor, classes: list[int], backbo
                      "auroc": roc_auc(y, s), "auroc_interval": interval(y, s, roc_auc),
                      "recall_at_1pct_fpr": recall_at_fpr(y, s), "zero_shot_auroc": roc_auc(y, zero_shot[mask])}
     return out
-
-
-def _zero_shot(backbone: str, classes: list[int]) -> ImageNetPriorHead:
-    """The ImageNet head with no training: the prior alone (a zero fitted layer, alpha 1)."""
-    head = build_head(backbone, {"kind": "imagenet-prior", "classes": classes})
-    assert isinstance(head, ImageNetPriorHead)
-    torch.nn.init.zeros_(head.linear.weight), torch.nn.init.zeros_(head.linear.bias)
-    return head
 
 
 def _row(name: str, r: dict) -> str:
@@ -166,10 +159,11 @@ def main() -> None:
         raise SystemExit(f"these models do not share one backbone and size: {sorted(backbone)}")
     name, size = backbone.pop()
     frozen = build_backbone(name)
+    pooled = GroupTestingModel(frozen, len(frozen), "cascade")  # its embed is the pooled features
     rows = np.flatnonzero((m.split == args.split) | (args.cross_source & np.isin(m.split, ["train", "val"])))
     features = torch.zeros(len(m.uris), frozen.spec.feature_dim)
     with torch.inference_mode():  # pooled features: the frozen backbone every individual model shares
-        features[rows] = embed_images(_Pooled(frozen), [(m.uris[i], 0) for i in rows], size, 32,
+        features[rows] = embed_images(pooled, [(m.uris[i], 0) for i in rows], size, 32,
                                       torch.device("cpu")).float()
     degraded = None
     if args.degraded:  # the same photos as a dark, soft, blocky camera would give them (seeded)
@@ -179,11 +173,11 @@ def main() -> None:
                   for i in split_rows]
         degraded = features.clone()
         with torch.inference_mode():
-            degraded[split_rows] = embed_images(_Pooled(frozen), copies, size, 32, torch.device("cpu")).float()
+            degraded[split_rows] = embed_images(pooled, copies, size, 32, torch.device("cpu")).float()
     classes = [int(c) for c in args.zero_shot.split(",") if c]
     heads = {stem: (model.head, card.threshold) for stem, (model, card) in models.items()}
     if classes:
-        heads[f"zero-shot ImageNet {args.zero_shot}"] = (_zero_shot(name, classes), None)
+        heads[f"zero-shot ImageNet {args.zero_shot}"] = (zero_shot_head(name, classes), None)
     results = {}
     print(f"{args.split} split: in-scene positives vs everyday negatives; then all; then at the model's threshold")
     print(f"{'model':<32} {'AUROC (95 %)':<21} {'recall@1%FPR':<17} {'all':<5} {'recall':>6} {'FPR everyday':>20} "
@@ -211,17 +205,6 @@ def main() -> None:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-
-
-class _Pooled(torch.nn.Module):
-    """A backbone as ``embed_images`` wants a model: ``embed`` gives the pooled features."""
-
-    def __init__(self, backbone: torch.nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,14 @@ import torch
 from ngt_ray.grouptesting.calibration import roc_auc
 from ngt_ray.nets.backbone import imagenet_classifier
 from ngt_ray.nets.checkpoint import ModelCard, load_checkpoint, save_checkpoint
-from ngt_ray.nets.heads import ImageNetPriorHead, build_head
+from ngt_ray.nets.heads import ImageNetPriorHead, build_head, zero_shot_head
 from ngt_ray.training.heads import fit_head
 
 FIREARM = [413, 763, 764]
 
 
 def test_a_prior_head_with_a_zero_layer_is_imagenets_own_log_probability():
-    head = build_head("efficientnet-lite0", {"kind": "imagenet-prior", "classes": FIREARM})
-    torch.nn.init.zeros_(head.linear.weight), torch.nn.init.zeros_(head.linear.bias)
+    head = zero_shot_head("efficientnet-lite0", FIREARM)
     fc = imagenet_classifier()
     f = torch.rand(5, 1280) * 3
     expected = torch.log(torch.softmax(fc(f), dim=1)[:, FIREARM].sum(dim=1))

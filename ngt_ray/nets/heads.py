@@ -26,7 +26,7 @@ from torch import nn
 
 from ngt_ray.nets.backbone import BACKBONES, imagenet_classifier
 
-__all__ = ["HEAD_KINDS", "ImageNetPriorHead", "build_head"]
+__all__ = ["HEAD_KINDS", "ImageNetPriorHead", "build_head", "zero_shot_head"]
 
 HEAD_KINDS = ("linear", "imagenet-prior")
 
@@ -65,3 +65,12 @@ def build_head(backbone: str, spec: Mapping[str, Any] | None = None) -> nn.Modul
     if kind == "imagenet-prior":
         return ImageNetPriorHead(imagenet_classifier(backbone), spec["classes"])
     raise ValueError(f"unknown head kind {kind!r}; choose one of {HEAD_KINDS}")
+
+
+def zero_shot_head(backbone: str, classes: Sequence[int]) -> ImageNetPriorHead:
+    """ImageNet's classifier with no training: the prior alone (a zero fitted layer, alpha 1), the
+    floor every trained head must beat."""
+    head = ImageNetPriorHead(imagenet_classifier(backbone), classes)
+    with torch.no_grad():
+        head.linear.weight.zero_(), head.linear.bias.zero_()
+    return head
