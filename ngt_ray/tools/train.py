@@ -222,16 +222,17 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     # none of what the confirmation would find, not what it would miss anyway. Composites are
     # reported beside them (``validation["composites"]``), never set a threshold.
     flagged = _scores(head, single["val"]) >= cards["individual"].threshold
-    kept = [item for item, y, f in zip(splits["val"], labels["val"], flagged) if not y or f]
-    val_labels = np.array([y for _, y in kept])
-    if cfg.design == "cascade":
-        card, first = _cascade(cfg, model, splits["train"] + degraded, splits["val"], source, device), len(backbone)
+    kept = np.flatnonzero((labels["val"] == 0) | flagged)
+    val_labels = labels["val"][kept]
+    if cascade:  # its val features are its embeddings: the calibration reuses them
+        card, val_features = _cascade(cfg, model, splits["train"] + degraded, splits["val"], source, device)
+        first, embedded_val = len(backbone), val_features[kept]
     else:
         card = _fine_tuned_screen(cfg, model, splits, pasted, labels, single, head, cards["individual"].threshold,
                                   source, rng, device)
         first = cfg.first_trained
+        embedded_val = embed_images(model, [splits["val"][i] for i in kept], size, cfg.batch_size, device)
     card.training["calibration_positives"] = {"real": int(val_labels.sum()), "composites": len(caught)}
-    embedded_val = embed_images(model, kept, size, cfg.batch_size, device)
     cards["group"] = calibrate_sizes(model, card, embedded_val, val_labels, cfg.calibration_sizes,
                                      cfg.target_recall, cfg.val_groups, cfg.seed, device, split="val")
     if caught:
@@ -289,10 +290,11 @@ def _fine_tuned_screen(cfg: TrainConfig, model: GroupTestingModel, splits: dict,
 
 
 def _cascade(cfg: TrainConfig, model: GroupTestingModel, train_items: list[LabelledImage],
-             val_items: list[LabelledImage], source: dict[str, Any], device: torch.device) -> ModelCard:
+             val_items: list[LabelledImage], source: dict[str, Any],
+             device: torch.device) -> tuple[ModelCard, torch.Tensor]:
     """The no-grouping screen: the frozen backbone at ``screen_size`` and a head fitted as the
     individual's is (same prior, penalty chosen on val): nothing to fine-tune, so seconds of fitting
-    after one low-resolution forward per photo."""
+    after one low-resolution forward per photo. Returns its card and the val photos' embeddings."""
     size = cfg.screen_size
     log.info("cascade screen: pooled features of train and val at %d px", size)
     features = {}
@@ -300,10 +302,11 @@ def _cascade(cfg: TrainConfig, model: GroupTestingModel, train_items: list[Label
         embedded = embed_images(model, items, size, cfg.batch_size, device)
         features[split] = (embedded.float(), np.array([y for _, y in items]))
     fitted = fit_head(model.head, features["train"], features["val"], epochs=cfg.epochs, seed=cfg.seed)
-    return ModelCard(
+    card = ModelCard(
         backbone=cfg.backbone, design="cascade", merge_at=len(model.backbone), group_size=1, input_size=size,
         threshold=0.5, merge_depths=[len(model.backbone)], trained_modules=["head"],
         validation={"unit": "image"}, positive_class=cfg.positive_class, head=_head_spec(cfg),
         training={"split": "train", "data": source, "max_negatives": cfg.max_negatives, "seed": cfg.seed,
                   "examples": len(train_items), "head_fit": fitted, "frozen": "backbone weights"},
     )
+    return card, features["val"][0]
