@@ -46,7 +46,6 @@ def main() -> None:
     }
     print(f"{'variant':>30} {'new 512':>10} {'repeat':>8} {'new 37':>8} {'repeat':>8} {'new 91':>8}")
     for i, (name, (net, dtype, cl, cudnn, native)) in enumerate(variants.items()):
-        net.backbone.pad_batches = False
         NativeDepthwise.enabled = native
         torch.backends.cudnn.enabled = cudnn
         sizes = [512 + i, 512 + i, 37 + i, 37 + i, 91 + i]  # shapes this process has not met yet

@@ -87,20 +87,21 @@ def test_fold_check_holds_under_reduced_precision_and_still_catches_a_misfold():
         fold_batchnorm(_BatchNormFirst().to(torch.bfloat16), torch.randn(2, 4, 8, 8))
 
 
-def test_padded_batches_give_the_rows_they_would_unpadded():
-    """On a GPU the backbone pads every call to a few batch sizes; padding rows must not leak."""
-    from ngt_ray.nets.backbone import padded_batch
+def test_fixed_call_shapes_give_the_rows_they_would_unfixed():
+    """Calls padded up the ladder, or split at its top, must return exactly the unpadded rows."""
+    from ngt_ray.nets.shapes import CallSizes, fix_shapes
 
-    assert [padded_batch(n) for n in (1, 8, 9, 37, 512, 513)] == [8, 8, 16, 64, 512, 1024]
     torch.manual_seed(0)
     model = GroupTestingModel(build_backbone("efficientnet-lite0"), (4, 6, 8), "tree").eval()
-    x = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    x = torch.randint(0, 256, (7, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
-        want = model.forward_groups(x, [2, 2, 1])
-        model.backbone.pad_batches = True
-        got = model.forward_groups(x, [2, 2, 1])
-    assert got.shape == want.shape == (3,)
+        want = model.forward_groups(x, [2, 2, 1, 2])
+        ledger = fix_shapes(model, CallSizes.up_to(3, per_image=True))
+        got = model.forward_groups(x, [2, 2, 1, 2])
+    assert got.shape == want.shape == (4,)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # 7 images embed as 3 + 3 + (1 padded to 3); 4 groups run as 3 + (1 padded to 1) at every depth
+    assert {key[2][0] for key in ledger.seen} == {1, 3}
 
 
 def test_native_depthwise_wraps_every_depthwise_conv_once_and_changes_nothing():

@@ -34,6 +34,7 @@ def test_a_prior_head_checkpoint_stores_the_fitted_layer_only_and_round_trips(tm
     card = ModelCard(backbone="efficientnet-lite0", design="individual", merge_at=4, group_size=1, input_size=224,
                      threshold=0.5, trained_modules=["head"], head={"kind": "imagenet-prior", "classes": FIREARM})
     model = card.build().eval()
+    torch.manual_seed(0)
     with torch.no_grad():
         model.head.linear.weight.normal_(), model.head.alpha.fill_(0.4)
     path = save_checkpoint(model, card, tmp_path / "m", [k for k in model.state_dict() if k.startswith("head.")])
@@ -42,7 +43,8 @@ def test_a_prior_head_checkpoint_stores_the_fitted_layer_only_and_round_trips(tm
     loaded, loaded_card = load_checkpoint(tmp_path / "m")
     assert loaded_card.head == card.head and isinstance(loaded.head, ImageNetPriorHead)
     f = torch.rand(4, 1280)
-    torch.testing.assert_close(loaded.head(f), model.head(f).detach(), rtol=2e-3, atol=2e-3)  # fp16 storage
+    # fp16 storage: each of 1280 N(0, 1) weights rounds by up to 1/2048 of itself, on logits of about 20
+    torch.testing.assert_close(loaded.head(f), model.head(f).detach(), rtol=2e-3, atol=2e-2)
 
 
 def test_fit_head_keeps_the_penalty_that_scores_best_on_val_with_the_standardisation_folded_in():

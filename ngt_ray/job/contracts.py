@@ -11,12 +11,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from ngt_ray.grouptesting.cost_table import StageCosts
+
+if TYPE_CHECKING:  # the aggregator reads this module and stays torch-free
+    from ngt_ray.nets.shapes import CallSizes
 
 __all__ = ["DECODED_COLUMNS", "ERROR_KINDS", "FLAGS_SCHEMA", "ActorSpec", "Screened", "error_kind"]
 
@@ -39,6 +42,9 @@ class ActorSpec:
     decode_here: bool
     stub_models: bool = False
     input_root: str = ""  # URL prefix of every input object: group seeds use keys relative to it
+    # the closed set of call shapes of each model, warmed when the actor starts (ngt_ray.nets.shapes)
+    screen_calls: CallSizes | None = None
+    confirm_calls: CallSizes | None = None
     ledger: Any = None  # the job's PhaseLedger actor, set when the job starts
 
 

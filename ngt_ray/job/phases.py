@@ -122,7 +122,19 @@ class PhaseLedger:
         self.totals: dict[str, Any] = {"images": 0, "batches": 0, "device_seconds": 0.0,
                                        "wall": dict.fromkeys(PHASES, 0.0), "cpu": dict.fromkeys(PHASES, 0.0),
                                        "decode_tasks": {"images": 0, "wall": 0.0, "cpu": 0.0},
-                                       "nodes": {"model": [], "decode_tasks": []}, "first_output_at": None}
+                                       "nodes": {"model": [], "decode_tasks": []}, "first_output_at": None,
+                                       "shapes": {"cold_model_calls": 0, "model_call_rows": 0, "padded_rows": 0},
+                                       "warmup": {"actors": 0, "warmup_seconds": 0.0, "compile_seconds": 0.0,
+                                                  "model_call_shapes": 0, "compile_cache_hits": 0}}
+
+    def add_warmup(self, record: dict[str, Any]) -> None:
+        """A model actor's warm-up (``ngt_ray.nets.shapes.warm_up``): seconds and cache hits add up
+        over actors; the shape set is the same for all, so its size is the largest."""
+        warmup = self.totals["warmup"]
+        warmup["actors"] += 1
+        for name in ("warmup_seconds", "compile_seconds", "compile_cache_hits"):
+            warmup[name] += record.get(name, 0)
+        warmup["model_call_shapes"] = max(warmup["model_call_shapes"], record.get("model_call_shapes", 0))
 
     def add(self, record: dict[str, Any], source: str = "model") -> None:
         t = self.totals
@@ -141,6 +153,8 @@ class PhaseLedger:
             first = t["first_output_at"]
             t["first_output_at"] = record["finished_at"] if first is None else min(first, record["finished_at"])
         t["device_seconds"] += record["device_seconds"]
+        for name, value in record.get("shapes", {}).items():
+            t["shapes"][name] += value
         for kind in ("wall", "cpu"):
             for name, seconds in record[kind].items():
                 t[kind][name] += seconds

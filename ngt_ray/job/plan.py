@@ -32,6 +32,7 @@ from ngt_ray.nets.checkpoint import (
 from ngt_ray.nets.model import DESIGNS
 from ngt_ray.nets.profiling import stage_macs
 from ngt_ray.nets.runtime import RUNTIMES
+from ngt_ray.nets.shapes import CallSizes
 from ngt_ray.nets.stubs import load_model
 from ngt_ray.options import Common, option
 from ngt_ray.storage import resolve
@@ -189,6 +190,19 @@ def _screen_macs(screen: str, individual: str) -> StageCosts:
                       plan_sizes(card.calibrated_sizes))
 
 
+# The largest model call. On a GPU, large enough that one call fills the device (a screen batch of
+# 1024 at k = 8 is 128 groups, one call); on a CPU, where a bigger call is no faster per image,
+# small, so that warming every shape of the ladder costs seconds (about 52 images per model at 16).
+_CALL_ROWS = {"cuda": 256, "cpu": 16}
+
+
+def call_sizes(batch: int, on_gpu: bool) -> int:
+    """The top of the closed set of call shapes (``ngt_ray.nets.shapes``): a screen embeds a batch
+    in pieces of this many images, and every other call (the groups of a round, a halving retest,
+    the candidates to confirm) is padded up the ladder below it or split at it."""
+    return max(1, min(batch, _CALL_ROWS["cuda" if on_gpu else "cpu"]))
+
+
 def cheapest_screen(cfg: ModerationConfig) -> tuple[str, dict[str, float]]:
     """The packaged screen of the default class with the lowest expected cost per image at the
     prevalence prior (MACs, each at its best calibrated k), and every candidate's cost as a share of
@@ -250,12 +264,14 @@ def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
     if not decode_here:
         _check_decode_fits(nodes, batch, decode_size)
     device = "cuda" if on_gpu else "cpu"
+    calls = call_sizes(batch, on_gpu)
     actor = ActorSpec(
         individual_model=individual_stem, screen_model=None if individual else model,
         algorithm=cfg.algorithm, group_size=k, seed=cfg.seed, min_size=cfg.min_size,
         prevalence_prior=cfg.prevalence_prior, macs=macs, seconds=None, device=device,
         threads=placement.threads, runtime=cfg.runtime, decode_here=decode_here, stub_models=cfg.stub_models,
-        input_root=_input_root(cfg),
+        input_root=_input_root(cfg), screen_calls=CallSizes.up_to(calls, per_image=True),
+        confirm_calls=CallSizes.up_to(calls),
     )
     info = {
         "group_size": 0 if auto else k,  # 0: chosen per batch ("auto"); mean_group_size says what was used
@@ -274,6 +290,7 @@ def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
         "runtime": cfg.runtime,
         "decode": "gpu" if decode_here else "cpu",
         "batch_size": batch,
+        "model_call_rows_max": calls,
         "max_actors": placement.max_actors,
         "stub_models": cfg.stub_models,
         # the planner's expected cost per image of each packaged screen, as a share of the individual's

@@ -25,7 +25,8 @@ from ngt_ray.job.contracts import FLAGS_SCHEMA, ActorSpec, Screened, error_kind
 from ngt_ray.job.phases import DEVICE_PHASES, PhaseClock, round_phase
 from ngt_ray.nets.checkpoint import ModelCard
 from ngt_ray.nets.decode import MAX_DECODE_BYTES, decode_many, decode_on_device
-from ngt_ray.nets.runtime import accelerate, inference_context, pick_device
+from ngt_ray.nets.runtime import accelerate, compile_cache_hits, inference_context, pick_device
+from ngt_ray.nets.shapes import CallSizes, ShapeLedger, fix_shapes, warm_up
 from ngt_ray.nets.stubs import load_model
 from ngt_ray.storage import MAX_OBJECT_BYTES, redact
 
@@ -125,19 +126,45 @@ class _Columns:
 
 class ModelActor:
     """Loads a model once per actor onto the actor's device, with the runtime levers on, and moves
-    pixel batches there through a pinned staging buffer."""
+    pixel batches there through a pinned staging buffer.
+
+    Given the plan's closed set of call shapes (``calls``), the model is held to it and every shape
+    runs once here, before the actor takes a batch: on a GPU a shape met for the first time costs
+    seconds of cuDNN planning (and under ``--runtime compiled`` a compile), which would otherwise
+    land in the middle of the stream. ``warmed`` says what that cost.
+    """
 
     def __init__(self, model_path: str, device: str, threads: int, runtime: str = "fast",
-                 stub: bool = False) -> None:
+                 stub: bool = False, calls: CallSizes | None = None) -> None:
         self.device = pick_device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.model, self.card = self._load(model_path, runtime, stub)
+        self.runtime = runtime
+        self.warmed = {"warmup_seconds": 0.0, "compile_seconds": 0.0, "model_call_shapes": 0}
+        self.ledgers: list[ShapeLedger] = []
+        self.model, self.card = self._load(model_path, stub, calls)
         self._staging: torch.Tensor | None = None
 
-    def _load(self, path: str, runtime: str, stub: bool) -> tuple[torch.nn.Module, ModelCard]:
+    def _load(self, path: str, stub: bool, calls: CallSizes | None) -> tuple[torch.nn.Module, ModelCard]:
         model, card = load_model(path, stub=stub, map_location=self.device)
-        return accelerate(model, self.device, card.input_size, runtime)[0], card
+        model = accelerate(model, self.device, card.input_size, self.runtime)[0]
+        if calls is not None:
+            ledger = fix_shapes(model, calls)
+            # compiled: the first call compiles, and CUDA graphs record on a later one
+            repeats = (3 if self.device.type == "cuda" else 2) if self.runtime == "compiled" else 1
+            for name, value in warm_up(model, card.input_size, self.device, ledger,
+                                       lambda: inference_context(self.device), repeats).items():
+                self.warmed[name] += value
+            self.ledgers.append(ledger)
+        return model, card
+
+    def shape_counters(self) -> dict[str, int]:
+        """Cold calls, rows and padded rows of every model since warm-up."""
+        totals: dict[str, int] = {}
+        for ledger in self.ledgers:
+            for name, value in ledger.counters().items():
+                totals[name] = totals.get(name, 0) + value
+        return totals
 
     def _to_device(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 pixels as an NCHW tensor on the model's device, channels-last in memory.
@@ -172,15 +199,25 @@ class Moderator(ModelActor):
     """
 
     def __init__(self, spec: ActorSpec) -> None:
-        super().__init__(spec.individual_model, spec.device, spec.threads, spec.runtime, spec.stub_models)
+        super().__init__(spec.individual_model, spec.device, spec.threads, spec.runtime, spec.stub_models,
+                         spec.confirm_calls)
         self.spec = spec
         self.clock = PhaseClock(cuda=self.device.type == "cuda")
         self.screen_model = self.screen_card = self.quality = None
         if spec.screen_model is not None:
-            self.screen_model, self.screen_card = self._load(spec.screen_model, spec.runtime, spec.stub_models)
+            self.screen_model, self.screen_card = self._load(spec.screen_model, spec.stub_models, spec.screen_calls)
             calibration = self.screen_card.calibration
             self.quality = ScreenQuality.from_card(calibration) if calibration else None
         self.prevalence = PrevalenceEstimate(prior=spec.prevalence_prior)
+        self._reported = self.shape_counters()
+        if spec.ledger is not None:
+            spec.ledger.add_warmup.remote({**self.warmed, "compile_cache_hits": compile_cache_hits()})
+
+    def _counters_since_last_batch(self) -> dict[str, int]:
+        now = self.shape_counters()
+        delta = {name: value - self._reported.get(name, 0) for name, value in now.items()}
+        self._reported = now
+        return delta
 
     # -- the batch -----------------------------------------------------------------------------
 
@@ -203,6 +240,7 @@ class Moderator(ModelActor):
         with self.clock.phase("output"):
             table = _flags_table(batch.uri, flagged, errors, screened)
         record = self.clock.finish_batch(n)
+        record["shapes"] = self._counters_since_last_batch()
         if self.device.type != "cuda":  # the CPU is the model's device: its busy time is the model phases'
             record["device_seconds"] = sum(record["wall"].get(p, 0.0) for p in DEVICE_PHASES)
         if self.spec.ledger is not None:

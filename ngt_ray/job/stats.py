@@ -80,6 +80,14 @@ def phase_columns(phases: dict, operators: dict[str, float], stream_seconds: flo
                  # how many nodes the model actors and the decode tasks ran on
                  "model_nodes": len(phases["nodes"]["model"]), "decode_nodes": len(phases["nodes"]["decode_tasks"]),
                  "nodes": len(set(phases["nodes"]["model"]) | set(phases["nodes"]["decode_tasks"]))}
+    # the closed set of model-call shapes (ngt_ray.nets.shapes): what warming it cost, and whether
+    # any call escaped it (a cold call pays cuDNN planning or a compile mid-stream; the target is 0)
+    warmup, shapes = phases["warmup"], phases["shapes"]
+    row.update({"warmup_seconds": warmup["warmup_seconds"], "compile_seconds": warmup["compile_seconds"],
+                "compile_cache_hits": warmup["compile_cache_hits"], "model_call_shapes": warmup["model_call_shapes"],
+                "warmed_actors": warmup["actors"], "cold_model_calls": shapes["cold_model_calls"],
+                "padded_share": shapes["padded_rows"] / (shapes["model_call_rows"] + shapes["padded_rows"])
+                if shapes["model_call_rows"] else 0.0})
     for name in PHASES:
         row[f"seconds_{name}"] = phases["wall"][name]
         row[f"cpu_seconds_{name}"] = phases["cpu"][name]

@@ -14,12 +14,15 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-__all__ = ["BACKBONES", "BackboneSpec", "MBConv", "StagedBackbone", "build_backbone", "imagenet_classifier",
-           "padded_batch"]
+if TYPE_CHECKING:
+    from ngt_ray.nets.shapes import ShapeLedger
+
+__all__ = ["BACKBONES", "BackboneSpec", "MBConv", "StagedBackbone", "build_backbone", "imagenet_classifier"]
 
 
 # Early enough that the per-image stages are a small share of the network, late enough that a
@@ -140,7 +143,7 @@ class StagedBackbone(nn.Module):
 
     def __init__(self, spec: BackboneSpec, normalize: nn.Module, stages: list[nn.Module]) -> None:
         super().__init__()
-        self.pad_batches = False  # set by the runtime levers on a GPU (see ``padded_batch``)
+        self.shapes: ShapeLedger | None = None  # the plan's closed set of call shapes (``ngt_ray.nets.shapes``)
         self.spec = spec
         self.normalize = normalize
         self.stages = nn.ModuleList(stages)
@@ -149,30 +152,20 @@ class StagedBackbone(nn.Module):
         return len(self.stages)
 
     def forward_range(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        n = x.shape[0]
-        if self.pad_batches and n != padded_batch(n):
-            x = torch.cat([x, x.new_zeros((padded_batch(n) - n, *x.shape[1:]))]).contiguous(
-                memory_format=torch.channels_last if x.dim() == 4 and x.is_cuda else torch.contiguous_format)
+        """Stages ``[start, stop)`` on ``x``; with ``shapes`` set, in calls of the set's sizes only."""
+        if self.shapes is None or start == stop:
+            return self._run(x, start, stop)
+        return self.shapes.call(lambda piece: self._run(piece, start, stop), x, (start, stop))
+
+    def _run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         if x.dtype == torch.uint8:
             x = self.normalize(x)
         for stage in self.stages[start:stop]:
             x = stage(x)
-        return x[:n]
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_range(x, 0, len(self.stages))
-
-
-def padded_batch(n: int) -> int:
-    """The batch size ``n`` rows are padded to on a GPU: the next power of two (at least 8).
-
-    Group-testing rounds and confirmations meet a new batch size in almost every call, and every
-    new shape makes cuDNN plan (and may compile) each convolution again, which costs the CPU far
-    more than the convolution costs the GPU. Padding to a few sizes bounds the distinct shapes
-    per actor to about log2 of the largest batch (the extra rows are zeros, sliced off), which
-    CUDA graphs need as well.
-    """
-    return max(8, 1 << (n - 1).bit_length())
 
 
 def _wheel_state(spec: BackboneSpec) -> dict[str, torch.Tensor]:

@@ -6,7 +6,9 @@ One run, one bucket of JPEGs at a realistic size, one backbone:
     every image -> ``write_parquet``: what a user writes first;
 (b) **individual**: ngt-ray's input path (bytes through the object store, draft-mode or on-device
     decode) with the individual model on every image (``--no-screen``);
-(c) **ngt-ray**: the default job, group testing with the compressed screen.
+(c) **ngt-ray**: group testing with the compressed screen;
+(d) **cascade**: the cascade design (the whole network per image at a low resolution, then the
+    individual model on what passes), confirmed by its own individual model.
 
 The ratios (b)/(a) and (c)/(a) are what the benchmark is for; absolute figures depend on the
 machine. Core-seconds and GPU-seconds are *reserved* resources (wall time x the cluster's CPUs or
@@ -76,6 +78,8 @@ class BenchmarkConfig(OnCluster, Photos):
     # --input (a firearm bucket, say) name the pair that class uses.
     model: str = option("revolver-lite0-tree-k8-compressed", "screen of (c) (a checkpoint stem or packaged name)")
     individual_model: str = option("revolver-lite0-individual", "model of (a) and (b), and the confirmation of (c)")
+    cascade_model: str | None = option("firearm-lite0-cascade-k1", "screen of (d), confirmed by the individual model "
+                                                                   "its card names (none: no (d))")
 
 
 def _write_jpeg(job: tuple[Path, Path, bool, int, int]) -> None:
@@ -236,6 +240,11 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         # on a GPU, --group-size auto chooses k from seconds measured there (MACs mislead it)
         **{**common, "measure_time": on_gpu}))))
 
+    if cfg.cascade_model:
+        timed("cascade", lambda: _compact(run_moderation(ModerationConfig(
+            input=bucket, output=str(workdir / "cascade"),
+            **{**common, "measure_time": on_gpu, "model": str(get_model(cfg.cascade_model)),
+               "individual_model": None}))))
     if cfg.compare_decode:
         timed("ngt_cpu_decode", lambda: _compact(run_moderation(ModerationConfig(
             input=bucket, output=str(workdir / "ngt-cpu-decode"), **{**common, "measure_time": on_gpu,
@@ -254,6 +263,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         "ngt_images_per_s": runs["ngt"]["images_per_s"],
         "individual_over_plain": runs["individual"]["images_per_s"] / runs["plain"]["images_per_s"],
         "ngt_over_plain": runs["ngt"]["images_per_s"] / runs["plain"]["images_per_s"],
+        **({"cascade_over_plain": runs["cascade"]["images_per_s"] / runs["plain"]["images_per_s"]}
+           if "cascade" in runs else {}),
         "flags_agree_plain_individual": agree / max(len(plain), 1),
         "flagged": {"plain": sum(plain.values()), "individual": sum(individual.values()), "ngt": sum(ngt.values())},
         "planted_positives": len(positives),
@@ -274,7 +285,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
 
 _COMPACT = ("images", "errors", "flagged", "compute_saving", "time_saving", "decode", "runtime", "mean_group_size",
             "group_tests", "retests", "stream_seconds", "device_seconds", "device_busy_share", "top_phases",
-            "batch_size", "max_actors")
+            "batch_size", "max_actors", "model", "individual_model", "warmup_seconds", "compile_seconds",
+            "compile_cache_hits", "model_call_shapes", "cold_model_calls", "padded_share")
 
 
 def _compact(stats: dict) -> dict:
@@ -285,17 +297,21 @@ def _compact(stats: dict) -> dict:
 def _table(r: dict[str, Any]) -> str:
     rows = [f"### {r['device']}: {r['n_images']} JPEGs ({r['image_size']}), prevalence {r['prevalence']}", "",
             "| pipeline | images/s | vs plain | core-s / M images | GPU-s / M images | GPU busy | flagged "
-            "| compute_saving | top phases |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| compute_saving | warm-up s (compile s) | shapes | cold calls | top phases |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, label in (("plain", "(a) plain Ray Data recipe"), ("individual", "(b) ngt-ray, no grouping"),
-                        ("ngt", "(c) ngt-ray, group testing"), ("ngt_cpu_decode", "(c) with --decode cpu")):
+                        ("ngt", "(c) ngt-ray, group testing"), ("cascade", "(d) ngt-ray, cascade"),
+                        ("ngt_cpu_decode", "(c) with --decode cpu")):
         if name not in r["runs"]:
             continue
         run = r["runs"][name]
         busy = "n/a" if run.get("gpu_utilisation") is None else f"{run['gpu_utilisation']:.0%}"
+        warm = (f"{run['warmup_seconds']:.1f} ({run.get('compile_seconds', 0.0):.1f})" if "warmup_seconds" in run
+                else "")
         rows.append(f"| {label} | {run['images_per_s']:.1f} | {run['images_per_s'] / r['plain_images_per_s']:.2f}x | "
                     f"{run['cpu_core_seconds_per_million']:.3g} | {run['gpu_seconds_per_million']:.3g} | {busy} | "
                     f"{r['flagged'].get(name, run.get('flagged', ''))} | {run.get('compute_saving', 0.0):.3f} | "
+                    f"{warm} | {run.get('model_call_shapes', '')} | {run.get('cold_model_calls', '')} | "
                     f"{run.get('top_phases', '')} |")
     rows += ["", (f"Flags of (a) and (b) agree on {r['flags_agree_plain_individual']:.2%} of images; planted "
              f"positives found: {r['planted_found']} of {r['planted_positives']}."), ""]
