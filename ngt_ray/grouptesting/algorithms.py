@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from ngt_ray.grouptesting.cost_table import StageCosts
     from ngt_ray.grouptesting.planning import ScreenQuality
 
-__all__ = ["ALGORITHMS", "GroupTestingAlgorithm", "Screening", "get_algorithm", "register", "screen", "split_halves"]
+__all__ = ["ALGORITHMS", "GroupTestingAlgorithm", "Screening", "get_algorithm", "per_member", "register", "screen",
+           "split_halves"]
 
 Scorer = Callable[[list[np.ndarray]], np.ndarray]  # member-index arrays -> one score per group
 Thresholds = Callable[[int], float]  # group size -> threshold on the score
@@ -58,6 +59,17 @@ class Screening:
     def cost(self, per_test: Costs) -> np.ndarray:
         """Per item: its share of the tests' cost, ``per_test(size)`` for one test of that size."""
         return sum((per_test(size) * share for size, share in self.share.items()), np.zeros_like(self.score))
+
+
+def per_member(n: int, groups: list[np.ndarray], values: np.ndarray, fill: float | int = np.nan,
+               dtype: type = np.float64) -> np.ndarray:
+    """Length-``n`` array holding, for each member of each group, its group's value (``fill``
+    elsewhere): one scatter over the concatenated groups instead of a Python step per group."""
+    out = np.full(n, fill, dtype=dtype)
+    if groups:
+        sizes = np.fromiter(map(len, groups), dtype=np.int64, count=len(groups))
+        out[np.concatenate(groups)] = np.repeat(np.asarray(values), sizes)
+    return out
 
 
 def split_halves(members: np.ndarray) -> list[np.ndarray]:
@@ -112,15 +124,10 @@ class GroupTestingAlgorithm:
             raise ValueError(f"min_size must be >= 1, got {min_size}")
         ledger = _Ledger(n, score, threshold)
         groups = form_groups(n, k, rng)
-        group = np.full(n, -1, dtype=np.int64)
-        for i, g in enumerate(groups):
-            group[g] = i
+        group = per_member(n, groups, np.arange(len(groups)), fill=-1, dtype=np.int64)
         candidate, group_scores, cleared_first = self.rounds(ledger, groups, n, k, rng, min_size)
-        group_score = np.full(n, np.nan, dtype=np.float64)
-        for g, s in zip(groups, group_scores):
-            group_score[g] = s
-        return Screening(candidate, group, groups, group_score, ledger.score, ledger.share, ledger.rounds,
-                         cleared_first)
+        return Screening(candidate, group, groups, per_member(n, groups, group_scores), ledger.score, ledger.share,
+                         ledger.rounds, cleared_first)
 
     def rounds(self, ledger: _Ledger, groups: list[np.ndarray], n: int, k: int, rng: np.random.Generator,
                min_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -168,16 +175,14 @@ class _Splitting(GroupTestingAlgorithm):
     def rounds(self, ledger, groups, n, k, rng, min_size):
         candidate = np.zeros(n, dtype=bool)
         group_scores, positive = ledger.run(groups)
-        cleared_first = np.ones(n, dtype=bool)
+        cleared_first = ~per_member(n, groups, positive, fill=False, dtype=bool)
         pending = [g for g, p in zip(groups, positive) if p]
-        for g in pending:
-            cleared_first[g] = False
         splits = 0
         while pending:
             last = self.max_splits is not None and splits >= self.max_splits
-            for g in pending:
-                if last or len(g) <= min_size:
-                    candidate[g] = True
+            final = [g for g in pending if last or len(g) <= min_size]
+            if final:
+                candidate[np.concatenate(final)] = True
             halves = [] if last else [h for g in pending if len(g) > min_size for h in split_halves(g)]
             _, positive = ledger.run(halves)
             pending = [g for g, p in zip(halves, positive) if p]
@@ -233,18 +238,12 @@ class Overlap(GroupTestingAlgorithm):
     def rounds(self, ledger, groups, n, k, rng, min_size):
         second = form_groups(n, k, rng)
         scores, positive = ledger.run(groups + second)
-        first_pos, second_pos = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-        for g, p in zip(groups, positive[: len(groups)]):
-            first_pos[g] = p
-        for g, p in zip(second, positive[len(groups):]):
-            second_pos[g] = p
+        first_pos = per_member(n, groups, positive[: len(groups)], fill=False, dtype=bool)
+        second_pos = per_member(n, second, positive[len(groups):], fill=False, dtype=bool)
         candidate = first_pos & second_pos
         group_scores = scores[: len(groups)]
         # the deciding score is the lower of the two (one negative group clears the item)
-        first_score = np.empty(n)
-        for g, sc in zip(groups, group_scores):
-            first_score[g] = sc
-        ledger.score = np.minimum(ledger.score, first_score)
+        ledger.score = np.minimum(ledger.score, per_member(n, groups, group_scores))
         return candidate, group_scores, ~candidate
 
     def expected_cost(self, k, p, costs, quality, min_size=1):

@@ -144,6 +144,7 @@ class ModelActor:
         self.ledgers: list[ShapeLedger] = []
         self.model, self.card = self._load(model_path, stub, calls)
         self._staging: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None  # marks the end of the last copy out of ``_staging``
 
     def _load(self, path: str, stub: bool, calls: CallSizes | None) -> tuple[torch.nn.Module, ModelCard]:
         model, card = load_model(path, stub=stub, map_location=self.device)
@@ -180,11 +181,16 @@ class ModelActor:
         host = torch.from_numpy(np.ascontiguousarray(pixels))
         if self.device.type != "cuda":
             return host.permute(0, 3, 1, 2)
+        if self._copied is not None:  # the last copy out of the buffer must be done before it is refilled
+            self._copied.synchronize()
         if self._staging is None or self._staging.numel() < host.numel():
             self._staging = torch.empty(host.numel(), dtype=torch.uint8).pin_memory()
         staged = self._staging[: host.numel()].view(host.shape)
         staged.copy_(host)
-        return staged.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        x = staged.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return x
 
 
 class Moderator(ModelActor):
