@@ -39,6 +39,8 @@ def _print_summary(stats: dict, output: str) -> None:
     screened_some = stats["design"] != "none"
     unscreened = f" ({stats['unscreened']} confirmed unscreened)" if stats["unscreened"] and screened_some else ""
     resumed = f" ({stats['resumed_rows']} kept from an earlier attempt)" if stats.get("resumed_rows") else ""
+    compiled = (f" ({stats['compile_seconds']:.1f} s compiling, {stats['compile_cache_hits']} graphs from the "
+                f"node's cache)" if stats["runtime"] == "compiled" else "")
     print(
         f"\n{stats['images']} images{resumed}, {stats['errors']} errors, {stats['flagged']} flagged; "
         f"{stats['algorithm']}, {stats['design']} merge: {stats['group_tests']} group tests "
@@ -48,6 +50,9 @@ def _print_summary(stats: dict, output: str) -> None:
         f"time: {stats['top_phases'] or 'no phases recorded'} of the actors' time; model phases held the "
         f"{stats['device']} {stats['device_busy_share']:.0%} of the stream's {stats['stream_seconds']:.1f} s "
         f"(an upper bound on busy)\n"
+        f"warm-up: {stats['warmup_seconds']:.1f} s over {stats['warmed_actors']} actor(s)"
+        f"{compiled}, {stats['model_call_shapes']} call shapes per actor, {stats['cold_model_calls']} cold calls, "
+        f"{stats['padded_share']:.0%} of model rows padding\n"
         f"flags: {output.rstrip('/')}/flags/   stats: {output.rstrip('/')}/stats.parquet"
     )
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
@@ -57,6 +58,7 @@ def detect_format(loc: Location) -> str:
     return "images"
 
 
+_LISTED_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("problem", pa.string())])
 _OBJECTS_PER_READ = 256  # objects one read call fetches (concurrently, on object stores)
 
 
@@ -284,7 +286,11 @@ def read_source(
                 listing["objects"] = len(entries)
             todo = [{"path": e.path, "size": e.size, "problem": e.problem} for e in entries
                     if loc.object_uri(e.path) not in skip]
-            paths = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // per_read)))
+            # blocks of exactly ``per_read`` entries (from_items would split them evenly: 2000 into
+            # 8 x 250), so every later batch of ``block_rows`` is one block: a batch that straddles two
+            # blocks is a concatenation, and after decode that copies every pixel of the batch
+            table = pa.Table.from_pylist(todo, schema=_LISTED_SCHEMA)
+            paths = ray.data.from_arrow([table.slice(i, per_read) for i in range(0, max(len(todo), 1), per_read)])
         elif skip:
             paths = paths.filter(lambda row: loc.object_uri(row["path"]) not in skip)
         return paths.map_batches(_read_listed, fn_kwargs={"loc": loc}, batch_size=per_read,

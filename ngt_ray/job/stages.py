@@ -217,7 +217,8 @@ class Moderator(ModelActor):
         self.prevalence = PrevalenceEstimate(prior=spec.prevalence_prior)
         self._reported = self.shape_counters()
         if spec.ledger is not None:
-            spec.ledger.add_warmup.remote({**self.warmed, "compile_cache_hits": compile_cache_hits()})
+            hits = compile_cache_hits() if self.runtime == "compiled" else 0  # (imports dynamo: only then)
+            spec.ledger.add_warmup.remote({**self.warmed, "compile_cache_hits": hits})
 
     def _counters_since_last_batch(self) -> dict[str, int]:
         now = self.shape_counters()

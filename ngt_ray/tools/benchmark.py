@@ -231,7 +231,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
               "decode": cfg.decode, "measure_time": False, "seed": cfg.seed, "stub_models": cfg.stub_models,
               "actors_per_gpu": cfg.actors_per_gpu, "model": str(get_model(cfg.model)),
               "individual_model": str(get_model(cfg.individual_model)),
-              "overwrite": True}  # a re-run in the same --workdir measures again, never resumes
+              "overwrite": True,  # a re-run in the same --workdir measures again, never resumes
+              # stand-ins cost no MACs, so --group-size auto would find nothing to save and screen
+              # nothing: they screen at the screen's trained size
+              "group_size": None if cfg.stub_models else "auto"}
     timed("plain", lambda: _plain(bucket, workdir / "plain", cfg, on_gpu))
     timed("individual", lambda: _compact(run_moderation(ModerationConfig(
         input=bucket, output=str(workdir / "individual"), screen=False, **common))))
