@@ -30,9 +30,9 @@ from ngt_ray.job.plan import DECODERS, JobPlan, ModerationConfig, actor_placemen
 from ngt_ray.job.sources import read_source
 from ngt_ray.job.stages import Moderator, decode_batch, decode_memory
 from ngt_ray.job.stats import STATS_COLUMNS, phase_columns, summarize
+from ngt_ray.nets.loading import load_model
 from ngt_ray.nets.profiling import stage_seconds
 from ngt_ray.nets.runtime import accelerate, pick_device
-from ngt_ray.nets.stubs import load_model
 from ngt_ray.storage import require_bucket, resolve
 
 __all__ = ["DECODERS", "ModerationConfig", "actor_placement", "build", "run_moderation", "summarise"]

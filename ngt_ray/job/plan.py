@@ -29,11 +29,11 @@ from ngt_ray.nets.checkpoint import (
     individual_model_for,
     read_card,
 )
+from ngt_ray.nets.loading import load_model
 from ngt_ray.nets.model import DESIGNS
 from ngt_ray.nets.profiling import stage_macs
 from ngt_ray.nets.runtime import RUNTIMES
 from ngt_ray.nets.shapes import CallSizes
-from ngt_ray.nets.stubs import load_model
 from ngt_ray.options import Common, option
 from ngt_ray.storage import resolve
 

@@ -25,9 +25,9 @@ from ngt_ray.job.contracts import FLAGS_SCHEMA, ActorSpec, Screened, error_kind
 from ngt_ray.job.phases import DEVICE_PHASES, PhaseClock, round_phase
 from ngt_ray.nets.checkpoint import ModelCard
 from ngt_ray.nets.decode import MAX_DECODE_BYTES, decode_many, decode_on_device
+from ngt_ray.nets.loading import load_model
 from ngt_ray.nets.runtime import accelerate, compile_cache_hits, inference_context, pick_device
 from ngt_ray.nets.shapes import CallSizes, ShapeLedger, fix_shapes, warm_up
-from ngt_ray.nets.stubs import load_model
 from ngt_ray.storage import MAX_OBJECT_BYTES, redact
 
 __all__ = ["FLAGS_SCHEMA", "ModelActor", "Moderator", "decode_batch", "decode_budget", "decode_memory"]

@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ngt_ray.nets.checkpoint import ModelCard, load_checkpoint, read_card
+from ngt_ray.nets.checkpoint import ModelCard
 from ngt_ray.nets.model import merge_segments
 from ngt_ray.nets.shapes import ShapeLedger
 
-__all__ = ["StubModel", "load_model", "stub_card"]
+__all__ = ["StubModel", "stub_card"]
 
 STUB_THRESHOLD = 0.5
 
@@ -59,11 +59,3 @@ def stub_card(card: ModelCard) -> ModelCard:
     calibration = {size: dataclasses.replace(row, threshold=STUB_THRESHOLD) for size, row in card.calibration.items()}
     return dataclasses.replace(card, threshold=STUB_THRESHOLD, calibration=calibration)
 
-
-def load_model(stem: str, *, stub: bool = False,
-               map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    """A checkpoint's model and card, or (``stub``) a stand-in with the card's input size and
-    thresholds at the stand-in's decision point; the stand-in never reads the weights."""
-    if not stub:
-        return load_checkpoint(stem, map_location)
-    return StubModel().to(map_location).eval(), stub_card(read_card(stem))
