@@ -10,13 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ngt_ray.grouptesting.algorithms import ALGORITHMS, oracle_scorer, screen, split_halves
+from ngt_ray.grouptesting.calibration import ScreenQuality
 from ngt_ray.grouptesting.cost_table import StageCosts
-from ngt_ray.grouptesting.planning import (
-    PrevalenceEstimate,
-    ScreenQuality,
-    choose_group_size,
-    expected_cost,
-)
+from ngt_ray.grouptesting.planning import PrevalenceEstimate, choose_group_size, expected_cost
 
 
 def _truth(n: int, positives: list[int]) -> np.ndarray:

@@ -23,8 +23,8 @@ import numpy as np
 from ngt_ray.grouptesting.grouping import form_groups
 
 if TYPE_CHECKING:
+    from ngt_ray.grouptesting.calibration import ScreenQuality
     from ngt_ray.grouptesting.cost_table import StageCosts
-    from ngt_ray.grouptesting.planning import ScreenQuality
 
 __all__ = ["ALGORITHMS", "GroupTestingAlgorithm", "Screening", "get_algorithm", "per_member", "register", "screen",
            "split_halves"]

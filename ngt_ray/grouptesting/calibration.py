@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CalibrationRow", "auc_of", "binary_metrics", "calibrate_scores", "calibration_table", "roc_auc",
-           "threshold_for_recall"]
+from ngt_ray.grouptesting.grouping import nearest_size
+
+__all__ = ["CalibrationRow", "ScreenQuality", "auc_of", "binary_metrics", "calibrate_scores", "calibration_table",
+           "roc_auc", "threshold_for_recall"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,30 @@ class CalibrationRow:
     auc: float
     positive_groups: int = 0
     negative_groups: int = 0
+
+
+@dataclass(frozen=True)
+class ScreenQuality:
+    """Calibrated behaviour of the screen test per group size (from the model card)."""
+
+    recall: Mapping[int, float]  # P(test positive | group holds a positive)
+    pass_rate: Mapping[int, float]  # P(test positive | group holds none)
+
+    @classmethod
+    def from_card(cls, calibration: Mapping[int, CalibrationRow]) -> ScreenQuality:
+        return cls({k: row.recall for k, row in calibration.items()},
+                   {k: row.negative_pass_rate for k, row in calibration.items()})
+
+    def recall_at(self, size: int) -> float:
+        return self.recall[nearest_size(self.recall, size)]
+
+    def pass_rate_at(self, size: int) -> float:
+        return self.pass_rate[nearest_size(self.pass_rate, size)]
+
+    def positive(self, size: int, p: float) -> float:
+        """P(a test of ``size`` random items is positive) at prevalence ``p``."""
+        clean = (1.0 - p) ** size
+        return self.recall_at(size) * (1.0 - clean) + self.pass_rate_at(size) * clean
 
 
 def calibration_table(raw: Mapping) -> dict[int, CalibrationRow]:

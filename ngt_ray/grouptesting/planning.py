@@ -10,41 +10,13 @@ group-testing literature; the evaluation job measures the real thing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-
 import numpy as np
 
 from ngt_ray.grouptesting.algorithms import get_algorithm
-from ngt_ray.grouptesting.calibration import CalibrationRow
+from ngt_ray.grouptesting.calibration import ScreenQuality
 from ngt_ray.grouptesting.cost_table import StageCosts
-from ngt_ray.grouptesting.grouping import nearest_size
 
-__all__ = ["PrevalenceEstimate", "ScreenQuality", "choose_group_size", "expected_cost"]
-
-
-@dataclass(frozen=True)
-class ScreenQuality:
-    """Calibrated behaviour of the screen test per group size (from the model card)."""
-
-    recall: Mapping[int, float]  # P(test positive | group holds a positive)
-    pass_rate: Mapping[int, float]  # P(test positive | group holds none)
-
-    @classmethod
-    def from_card(cls, calibration: Mapping[int, CalibrationRow]) -> ScreenQuality:
-        return cls({k: row.recall for k, row in calibration.items()},
-                   {k: row.negative_pass_rate for k, row in calibration.items()})
-
-    def recall_at(self, size: int) -> float:
-        return self.recall[nearest_size(self.recall, size)]
-
-    def pass_rate_at(self, size: int) -> float:
-        return self.pass_rate[nearest_size(self.pass_rate, size)]
-
-    def positive(self, size: int, p: float) -> float:
-        """P(a test of ``size`` random items is positive) at prevalence ``p``."""
-        clean = (1.0 - p) ** size
-        return self.recall_at(size) * (1.0 - clean) + self.pass_rate_at(size) * clean
+__all__ = ["PrevalenceEstimate", "choose_group_size", "expected_cost"]
 
 
 def expected_cost(algorithm: str, k: int, p: float, costs: StageCosts, quality: ScreenQuality,

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ngt_ray.grouptesting.algorithms import ALGORITHMS, get_algorithm
+from ngt_ray.grouptesting.calibration import ScreenQuality
 from ngt_ray.grouptesting.cost_table import StageCosts, plan_sizes
-from ngt_ray.grouptesting.planning import ScreenQuality, choose_group_size, expected_cost
+from ngt_ray.grouptesting.planning import choose_group_size, expected_cost
 from ngt_ray.job.contracts import ActorSpec
 from ngt_ray.job.placement import Nodes, Placement, PlacementError, actor_placement, cluster_totals
 from ngt_ray.job.stages import decode_memory

@@ -19,8 +19,9 @@ import pyarrow as pa
 import torch
 
 from ngt_ray.grouptesting.algorithms import screen
+from ngt_ray.grouptesting.calibration import ScreenQuality
 from ngt_ray.grouptesting.grouping import batch_rng, group_ids, key_hashes
-from ngt_ray.grouptesting.planning import PrevalenceEstimate, ScreenQuality, choose_group_size
+from ngt_ray.grouptesting.planning import PrevalenceEstimate, choose_group_size
 from ngt_ray.job.contracts import FLAGS_SCHEMA, ActorSpec, Screened, error_kind
 from ngt_ray.job.phases import DEVICE_PHASES, PhaseClock, round_phase
 from ngt_ray.nets.checkpoint import ModelCard
