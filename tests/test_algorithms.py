@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from ngt_ray.grouptesting.algorithms import ALGORITHMS, oracle_scorer, screen, split_halves
 from ngt_ray.grouptesting.calibration import ScreenQuality
 from ngt_ray.grouptesting.cost_table import StageCosts
-from ngt_ray.grouptesting.planning import PrevalenceEstimate, choose_group_size, expected_cost
+from ngt_ray.grouptesting.planning import PrevalenceEstimate, choose_group_size, expected_cost, group_size_that_pays
 
 
 def _truth(n: int, positives: list[int]) -> np.ndarray:
@@ -94,8 +94,8 @@ def test_auto_does_not_screen_where_screening_would_cost_more_than_confirming_ev
     sizes = [1, 2, 4, 8]
     sharp = ScreenQuality({s: 1.0 for s in sizes}, {s: 0.05 for s in sizes})
     blunt = ScreenQuality({s: 1.0 for s in sizes}, {s: 0.9 for s in sizes})  # passes 90 % of negative groups
-    assert choose_group_size("dorfman", sizes, 0.01, costs, sharp, screen_only_if_cheaper=True) > 0
-    assert choose_group_size("dorfman", sizes, 0.01, costs, blunt, screen_only_if_cheaper=True) == 0
+    assert group_size_that_pays("dorfman", sizes, 0.01, costs, sharp) in sizes
+    assert group_size_that_pays("dorfman", sizes, 0.01, costs, blunt) is None
     assert expected_cost("dorfman", 1, 0.01, costs, blunt) > 1.0  # what 0 avoids
     assert choose_group_size("dorfman", sizes, 0.01, costs, blunt) in sizes  # without the option: a size
 

@@ -81,7 +81,7 @@ def test_gpu_decode_falls_back_cleanly_without_cuda(planted, bucket_copy, tmp_pa
 @pytest.mark.usefixtures("ray_local")
 def test_individual_baseline_scores_every_image_once(planted, tmp_path):
     stats = run_moderation(ModerationConfig(input=str(planted.root), output=str(tmp_path / "out"),
-                                            screen=False, measure_time=False))
+                                            group_size="none", measure_time=False))
     flags = pq.read_table(tmp_path / "out" / "flags").to_pylist()
     assert len(flags) == planted.count and {r["decided_by"] for r in flags} == {"retest"}
     assert stats["group_tests"] == 0 and stats["retests"] == planted.count

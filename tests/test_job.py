@@ -119,7 +119,7 @@ def _assert_stats_add_up(flags: pa.Table, stats: dict) -> None:
 def test_stats_add_up(folder_run):
     flags, stats = folder_run
     _assert_stats_add_up(flags, stats)
-    assert stats["group_size"] == 8 and max(r["group_size"] for r in flags.to_pylist()) <= 8
+    assert stats["group_size"] == "8" and max(r["group_size"] for r in flags.to_pylist()) <= 8
     assert stats["group_tests"] == stats["first_round_groups"] and stats["subgroup_cleared"] == 0  # two rounds
 
 
@@ -148,7 +148,7 @@ def test_overlap_and_auto_group_size(planted, tmp_path):
     _assert_finds_planted(flags, planted)
     _assert_stats_add_up(flags, stats)
     card = load_checkpoint(_FEATURE)[1]
-    assert stats["group_size"] == 0 and 1 <= stats["mean_group_size"] <= max(card.calibrated_sizes)
+    assert stats["group_size"] == "auto" and 1 <= stats["mean_group_size"] <= max(card.calibrated_sizes)
     assert stats["group_tests"] == pytest.approx(2 * stats["first_round_groups"], abs=1)  # two partitions
 
 
@@ -163,7 +163,7 @@ def test_s3_bucket_in_and_out(planted, s3_server, tmp_path):
     _assert_finds_planted(flags, planted)
     # the defaults: the packaged screen the planner expects to cost least, recursive halving, k per batch
     costs = {name: float(c) for name, c in (item.rsplit(" ", 1) for item in stats["screen_choice"].split(", "))}
-    assert stats["model"] == min(costs, key=costs.get) and (stats["algorithm"], stats["group_size"]) == ("halving", 0)
+    assert stats["model"] == min(costs, key=costs.get) and (stats["algorithm"], stats["group_size"]) == ("halving", "auto")
     assert stats["design"] == read_card(stats["model"]).design
     _assert_stats_add_up(flags, stats)
     if min(costs.values()) < 1:  # a screen that pays screens, and saves what the plan expected, roughly
@@ -255,7 +255,7 @@ def test_the_same_objects_and_seed_give_the_same_groups_wherever_the_bucket_live
 
 def test_the_default_screen_keeps_what_the_individual_model_finds_at_less_compute(planted, tmp_path):
     flags, stats = _run(tmp_path / "default", str(planted.root))
-    alone, alone_stats = _run(tmp_path / "alone", str(planted.root), screen=False)
+    alone, alone_stats = _run(tmp_path / "alone", str(planted.root), group_size="none")
     assert flags.num_rows == alone.num_rows == planted.count
     found, by_individual = _names(flags, flagged_only=True), _names(alone, flagged_only=True)
     # the same individual model confirms, so the screen can only lose finds, never add one

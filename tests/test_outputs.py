@@ -70,7 +70,7 @@ def test_a_run_killed_halfway_resumes_with_every_object_exactly_once_and_no_work
     assert len(uris) == len(set(uris)) == len(listed) and set(uris) == listed  # every object exactly once
     assert 0 < stats["resumed_rows"] < len(listed)  # the killed run's finished work was not redone
     assert stats["images"] == len(listed)  # stats describe every row, not just the re-run's
-    assert (out / SUCCESS).exists() and json.loads((out / "run.json").read_text())["group_size"] == 8
+    assert (out / SUCCESS).exists() and json.loads((out / "run.json").read_text())["group_size"] == "8"
 
 
 def test_an_output_belongs_to_one_configuration_and_is_replaced_only_once_complete(ray_local, planted, tmp_path):

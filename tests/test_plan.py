@@ -69,7 +69,7 @@ def test_plan_decides_batches_decode_and_models_up_front():
     assert forced.actor.decode_here and forced.actor.device == "cpu"
     on_cpu = plan(ModerationConfig(input="in", output="out", decode="auto"), {"CPU": 2})
     assert on_cpu.decode_in_tasks and on_cpu.batch_size == 256 and on_cpu.actor.device == "cpu"
-    baseline = plan(ModerationConfig(input="in", output="out", screen=False), {"CPU": 16, "GPU": 1})
+    baseline = plan(ModerationConfig(input="in", output="out", group_size="none"), {"CPU": 16, "GPU": 1})
     assert baseline.actor.screen_model is None and baseline.decode_size == 224 and baseline.batch_size == 512
     assert baseline.info["algorithm"] == baseline.info["design"] == "none"
     assert baseline.actor.macs.confirm == on_gpu.actor.macs.confirm > on_gpu.actor.macs.embed

@@ -16,7 +16,7 @@ from ngt_ray.grouptesting.algorithms import get_algorithm
 from ngt_ray.grouptesting.calibration import ScreenQuality
 from ngt_ray.grouptesting.cost_table import StageCosts
 
-__all__ = ["PrevalenceEstimate", "choose_group_size", "expected_cost"]
+__all__ = ["PrevalenceEstimate", "choose_group_size", "expected_cost", "group_size_that_pays"]
 
 
 def expected_cost(algorithm: str, k: int, p: float, costs: StageCosts, quality: ScreenQuality,
@@ -27,17 +27,18 @@ def expected_cost(algorithm: str, k: int, p: float, costs: StageCosts, quality: 
 
 
 def choose_group_size(algorithm: str, sizes: list[int], p: float, costs: StageCosts, quality: ScreenQuality,
-                      min_size: int = 1, screen_only_if_cheaper: bool = False) -> int:
-    """The size among ``sizes`` (the calibrated ones) with the lowest expected cost per image.
+                      min_size: int = 1) -> int:
+    """The size among ``sizes`` (the calibrated ones) with the lowest expected cost per image."""
+    return min(sizes, key=lambda k: (expected_cost(algorithm, k, p, costs, quality, min_size), k))
 
-    With ``screen_only_if_cheaper``, 0 where even that size is expected to cost more than the
+
+def group_size_that_pays(algorithm: str, sizes: list[int], p: float, costs: StageCosts, quality: ScreenQuality,
+                         min_size: int = 1) -> int | None:
+    """``choose_group_size``, or None where even that size is expected to cost more than the
     individual model on every image (a screen that passes most negative groups, or a prevalence
-    too high for group testing to pay): the caller then confirms every image unscreened.
-    """
-    k = min(sizes, key=lambda k: (expected_cost(algorithm, k, p, costs, quality, min_size), k))
-    if screen_only_if_cheaper and expected_cost(algorithm, k, p, costs, quality, min_size) >= costs.confirm:
-        return 0
-    return k
+    too high for group testing to pay): the caller then confirms every image unscreened."""
+    k = choose_group_size(algorithm, sizes, p, costs, quality, min_size)
+    return k if expected_cost(algorithm, k, p, costs, quality, min_size) < costs.confirm else None
 
 
 class PrevalenceEstimate:

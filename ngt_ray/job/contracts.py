@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ngt_ray.grouptesting.cost_table import StageCosts
+from ngt_ray.grouptesting.group_size import GroupSize
 
 if TYPE_CHECKING:  # the aggregator reads this module and stays torch-free
     from ngt_ray.nets.shapes import CallSizes
@@ -30,7 +31,7 @@ class ActorSpec:
     individual_model: str
     screen_model: str | None  # None: no screen, every image is confirmed (the baseline)
     algorithm: str
-    group_size: int | None  # None: chosen per batch
+    group_size: GroupSize
     seed: int
     min_size: int
     prevalence_prior: float

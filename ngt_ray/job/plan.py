@@ -19,6 +19,7 @@ from typing import Any
 from ngt_ray.grouptesting.algorithms import ALGORITHMS, get_algorithm
 from ngt_ray.grouptesting.calibration import ScreenQuality
 from ngt_ray.grouptesting.cost_table import StageCosts, plan_sizes
+from ngt_ray.grouptesting.group_size import GroupSize
 from ngt_ray.grouptesting.planning import choose_group_size, expected_cost
 from ngt_ray.job.contracts import ActorSpec
 from ngt_ray.job.placement import Nodes, Placement, PlacementError, actor_placement, cluster_totals
@@ -45,13 +46,11 @@ __all__ = ["DECODERS", "JobPlan", "ModerationConfig", "Placement", "actor_placem
 DECODERS = ("auto", "cpu", "gpu")
 
 
-def _group_size(value: str) -> int | str:
-    if value == "auto":
-        return value
+def _group_size(value: str) -> GroupSize:
     try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'auto', got {value!r}") from None
+        return GroupSize.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,14 +80,13 @@ class ModerationConfig(OnCluster):
     model: str | None = option(None, "screen (group) checkpoint stem (default: the packaged one of --design)")
     individual_model: str | None = option(None, "confirmation checkpoint stem (default: the packaged individual "
                                                 "model of the screen's class)")
-    screen: bool = option(True, "screen with group tests; without, every image goes through the individual "
-                                "model on the same input path (the baseline the savings are measured against)")
     algorithm: str = option("halving", "group-testing algorithm (ngt_ray.grouptesting.algorithms)",
                             choices=lambda: list(ALGORITHMS))
-    group_size: int | str | None = option("auto", "k images per group test, or auto: chosen per batch from the "
-                                                  "measured costs and prevalence (so groups may differ between "
-                                                  "runs; fix k to reproduce them); None: the trained size",
-                                          parse=_group_size)
+    group_size: GroupSize = option(GroupSize.AUTO, "k images per group test; auto: chosen per batch from the "
+                                                   "measured costs and prevalence (groups may differ between runs; "
+                                                   "fix k to reproduce them); none: no group test, every image "
+                                                   "through the individual model (the baseline savings are "
+                                                   "measured against)", parse=_group_size)
     min_size: int = option(1, "halving stops at groups this small and confirms their members")
     prevalence_prior: float = option(0.01, "starting prevalence of the running estimate behind --group-size auto")
     measure_time: bool = option(True, "time each stage on the actors' device and report time_saving")
@@ -111,6 +109,9 @@ class ModerationConfig(OnCluster):
     actor_start_timeout: float = option(600.0, "seconds to wait for the first model actor to start before failing "
                                                "with a clear error (an autoscaling cluster may need minutes)")
     extra_info: dict = option({}, cli=False)
+
+    def __post_init__(self) -> None:  # 8, "8", "auto" or "none" in code, as on the command line
+        object.__setattr__(self, "group_size", GroupSize.parse(self.group_size))
 
 
 # Decode placement, by measurement: on one H200 node with 16 cores, (c) ran 0.65x the plain recipe
@@ -233,7 +234,8 @@ def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
     one mapping is one node)."""
     nodes = [nodes] if isinstance(nodes, Mapping) else list(nodes)
     _validate(cfg)
-    individual = not cfg.screen
+    group_size = cfg.group_size
+    individual = not group_size.screened
     choice: dict[str, float] = {}
     if cfg.model:
         model = cfg.model
@@ -244,15 +246,14 @@ def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
     screen_model, screen_card = load_model(model, stub=cfg.stub_models)
     individual_stem = cfg.individual_model or str(individual_model_for(screen_card))
     individual_model, individual_card = load_model(individual_stem, stub=cfg.stub_models)
-    auto = cfg.group_size == "auto"
-    k = None if auto else screen_card.group_size if cfg.group_size is None else int(cfg.group_size)
-    if k is not None and k < 1:
-        raise ValueError(f"group size must be >= 1 or 'auto', got {k}")
-    if k is not None and k not in screen_card.calibration and k != screen_card.group_size:
+    fixed = group_size.mode == "fixed"
+    k = group_size.k
+    if fixed and k not in screen_card.calibration and k != screen_card.group_size:
         log.warning("group size %d was not calibrated for %s; using the threshold of the nearest calibrated size",
                     k, model)
-    sizes = plan_sizes(screen_card.calibrated_sizes if auto else k)
-    macs = (_screen_macs(model, individual_stem) if auto and not cfg.stub_models else
+    # auto and none count the screen's costs at every calibrated size (none: the stats still name the screen)
+    sizes = plan_sizes(k if fixed else screen_card.calibrated_sizes)
+    macs = (_screen_macs(model, individual_stem) if not fixed and not cfg.stub_models else
             stage_macs(screen_model, individual_model, screen_card.input_size, individual_card.input_size, sizes))
 
     placement = actor_placement(nodes, cfg.device, cfg.max_actors, cfg.actors_per_gpu)
@@ -268,14 +269,14 @@ def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
     calls = call_sizes(batch, on_gpu)
     actor = ActorSpec(
         individual_model=individual_stem, screen_model=None if individual else model,
-        algorithm=cfg.algorithm, group_size=k, seed=cfg.seed, min_size=cfg.min_size,
+        algorithm=cfg.algorithm, group_size=group_size, seed=cfg.seed, min_size=cfg.min_size,
         prevalence_prior=cfg.prevalence_prior, macs=macs, seconds=None, device=device,
         threads=placement.threads, runtime=cfg.runtime, decode_here=decode_here, stub_models=cfg.stub_models,
         input_root=_input_root(cfg), screen_calls=CallSizes.up_to(calls, per_image=True),
         confirm_calls=CallSizes.up_to(calls),
     )
     info = {
-        "group_size": 0 if auto else k,  # 0: chosen per batch ("auto"); mean_group_size says what was used
+        "group_size": str(group_size),  # "auto": chosen per batch, mean_group_size says what was used
         "model": Path(model).name,
         "individual_model": Path(individual_stem).name,
         "backbone": screen_card.backbone,
@@ -284,7 +285,7 @@ def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
         "merge_depths": ",".join(map(str, screen_card.merge_depths or [screen_card.merge_at])),
         "screen_input_size": screen_card.input_size,
         "individual_input_size": individual_card.input_size,
-        "group_threshold": screen_card.threshold if auto else screen_card.threshold_for(k),
+        "group_threshold": screen_card.threshold_for(k) if fixed else screen_card.threshold,
         "individual_threshold": individual_card.threshold,
         "input": cfg.input,
         "device": device,

@@ -21,7 +21,7 @@ import torch
 from ngt_ray.grouptesting.algorithms import screen
 from ngt_ray.grouptesting.calibration import ScreenQuality
 from ngt_ray.grouptesting.grouping import batch_rng, group_ids, key_hashes
-from ngt_ray.grouptesting.planning import PrevalenceEstimate, choose_group_size
+from ngt_ray.grouptesting.planning import PrevalenceEstimate, group_size_that_pays
 from ngt_ray.job.contracts import FLAGS_SCHEMA, ActorSpec, Screened, error_kind
 from ngt_ray.job.phases import DEVICE_PHASES, PhaseClock, round_phase
 from ngt_ray.nets.checkpoint import ModelCard
@@ -199,7 +199,7 @@ class Moderator(ModelActor):
 
     Every image is embedded once; the algorithm's rounds (Dorfman, halving, overlapping pools)
     score merged groups of those cached embeddings, one batched forward per round, so a halving
-    retest pays only the shared stages. ``group_size=None`` chooses k per batch from the measured
+    retest pays only the shared stages. ``--group-size auto`` chooses k per batch from the measured
     stage costs, the card's per-size calibration and a running prevalence estimate. Candidates
     are decoded again from their bytes at the individual model's size and scored one by one.
     Without a screen model (the baseline), every image is a candidate.
@@ -239,8 +239,8 @@ class Moderator(ModelActor):
         pixels, errors = self._pixels(batch)
         ok = np.flatnonzero(np.array([not e for e in errors], dtype=bool))
         screened = Screened.empty(n, timed=self.spec.seconds is not None)
-        k = self._choose_k() if self.screen_model is not None else 0
-        if not k:  # no screen, or one that would cost more than confirming every image
+        k = self._choose_k() if self.screen_model is not None else None
+        if k is None:  # no screen, or one that would cost more than confirming every image
             screened.candidate[ok] = True
         elif ok.size:
             self._screen(batch.uri, pixels, ok, screened, k)
@@ -268,17 +268,17 @@ class Moderator(ModelActor):
 
     # -- the screen ----------------------------------------------------------------------------
 
-    def _choose_k(self) -> int:
-        """The group size for the next batch; with ``--group-size auto``, 0 where the cheapest k is
-        still expected to cost more than the individual model on every image (a screen that passes
-        most negative groups, or a prevalence too high to pay): then the batch is not screened."""
-        if self.spec.group_size is not None:
-            return self.spec.group_size
+    def _choose_k(self) -> int | None:
+        """The group size for the next batch; with ``--group-size auto``, None where the cheapest k
+        is still expected to cost more than the individual model on every image (a screen that
+        passes most negative groups, or a prevalence too high to pay): then the batch is not screened."""
+        if not self.spec.group_size.auto:
+            return self.spec.group_size.k
         if self.quality is None:
             return self.screen_card.group_size
         costs = self.spec.seconds or self.spec.macs
-        return choose_group_size(self.spec.algorithm, self.screen_card.calibrated_sizes, self.prevalence.value,
-                                 costs, self.quality, self.spec.min_size, screen_only_if_cheaper=True)
+        return group_size_that_pays(self.spec.algorithm, self.screen_card.calibrated_sizes, self.prevalence.value,
+                                    costs, self.quality, self.spec.min_size)
 
     def _screen(self, uris: np.ndarray, pixels: np.ndarray | torch.Tensor, ok: np.ndarray,
                 out: Screened, k: int) -> None:

@@ -134,7 +134,7 @@ def summarize(flags: ray.data.Dataset, macs: StageCosts, seconds: StageCosts | N
         "errors": errors,
         **{name: int(totals[name]) for name in _ERROR_COUNTS},
         "flagged": int(totals["flagged"]),
-        "group_size": info.get("group_size", 0),
+        "group_size": info.get("group_size", ""),  # "8", "auto" or "none"
         "mean_group_size": totals["grouped"] / groups if groups else 0.0,
         "first_round_groups": round(groups),
         # confirmed without a group test: no screen, or --group-size auto found screening would not pay

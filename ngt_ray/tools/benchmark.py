@@ -5,7 +5,7 @@ One run, one bucket of JPEGs at a realistic size, one backbone:
 (a) **plain**: ``ray.data.read_images(size=...)`` -> an actor pool running the individual model on
     every image -> ``write_parquet``: what a user writes first;
 (b) **individual**: ngt-ray's input path (bytes through the object store, draft-mode or on-device
-    decode) with the individual model on every image (``--no-screen``);
+    decode) with the individual model on every image (``--group-size none``);
 (c) **ngt-ray**: group testing with the compressed screen;
 (d) **cascade**: the cascade design (the whole network per image at a low resolution, then the
     individual model on what passes), confirmed by its own individual model.
@@ -44,7 +44,7 @@ from ngt_ray.job.pipeline import ModerationConfig, actor_placement, run_moderati
 from ngt_ray.job.placement import cluster_nodes
 from ngt_ray.job.plan import DECODERS, OnCluster
 from ngt_ray.job.stages import ModelActor
-from ngt_ray.nets.checkpoint import get_model, load_checkpoint
+from ngt_ray.nets.checkpoint import get_model, load_checkpoint, read_card
 from ngt_ray.nets.runtime import RUNTIMES, inference_context
 from ngt_ray.options import Photos, option
 from ngt_ray.training.datasets import caltech_split
@@ -231,21 +231,25 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
               "decode": cfg.decode, "measure_time": False, "seed": cfg.seed, "stub_models": cfg.stub_models,
               "actors_per_gpu": cfg.actors_per_gpu, "model": str(get_model(cfg.model)),
               "individual_model": str(get_model(cfg.individual_model)),
-              "overwrite": True,  # a re-run in the same --workdir measures again, never resumes
-              # stand-ins cost no MACs, so --group-size auto would find nothing to save and screen
-              # nothing: they screen at the screen's trained size
-              "group_size": None if cfg.stub_models else "auto"}
+              "overwrite": True}  # a re-run in the same --workdir measures again, never resumes
+
+    def group_size(screen: str) -> str:
+        """Stand-ins cost no MACs, so --group-size auto would find nothing to save and screen
+        nothing: they screen at the screen's trained size."""
+        return str(read_card(get_model(screen)).group_size) if cfg.stub_models else "auto"
+
     timed("plain", lambda: _plain(bucket, workdir / "plain", cfg, on_gpu))
     timed("individual", lambda: _compact(run_moderation(ModerationConfig(
-        input=bucket, output=str(workdir / "individual"), screen=False, **common))))
+        input=bucket, output=str(workdir / "individual"), group_size="none", **common))))
     timed("ngt", lambda: _compact(run_moderation(ModerationConfig(
         input=bucket, output=str(workdir / "ngt"),
         # on a GPU, --group-size auto chooses k from seconds measured there (MACs mislead it)
-        **{**common, "measure_time": on_gpu}))))
+        group_size=group_size(cfg.model), **{**common, "measure_time": on_gpu}))))
 
     if cfg.cascade_model:
         timed("cascade", lambda: _compact(run_moderation(ModerationConfig(
             input=bucket, output=str(workdir / "cascade"),
+            group_size=group_size(cfg.cascade_model),
             **{**common, "measure_time": on_gpu, "model": str(get_model(cfg.cascade_model)),
                "individual_model": None}))))
     if cfg.compare_decode:
