@@ -163,7 +163,8 @@ def test_s3_bucket_in_and_out(planted, s3_server, tmp_path):
     _assert_finds_planted(flags, planted)
     # the defaults: the packaged screen the planner expects to cost least, recursive halving, k per batch
     costs = {name: float(c) for name, c in (item.rsplit(" ", 1) for item in stats["screen_choice"].split(", "))}
-    assert stats["model"] == min(costs, key=costs.get) and (stats["algorithm"], stats["group_size"]) == ("halving", "auto")
+    assert stats["model"] == min(costs, key=costs.get)
+    assert (stats["algorithm"], stats["group_size"]) == ("halving", "auto")
     assert stats["design"] == read_card(stats["model"]).design
     _assert_stats_add_up(flags, stats)
     if min(costs.values()) < 1:  # a screen that pays screens, and saves what the plan expected, roughly
