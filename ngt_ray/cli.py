@@ -58,10 +58,9 @@ def _print_summary(stats: dict, output: str) -> None:
 
 
 def _init_ray(address: str | None) -> None:
-    import ray
+    from ngt_ray.job.pipeline import init_ray
 
-    if not ray.is_initialized():
-        ray.init(address=address)
+    init_ray(address)
 
 
 def _moderate(args: argparse.Namespace) -> int:

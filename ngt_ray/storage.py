@@ -19,6 +19,8 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.core import split_protocol, strip_protocol
 
+from ngt_ray.errors import ErrorKind, RowError
+
 __all__ = ["MAX_OBJECT_BYTES", "Location", "object_too_large", "redact", "require_bucket", "resolve"]
 
 # The most bytes of one object read into memory. A photo is a few MiB (an 8000x6000 JPEG about 15);
@@ -39,11 +41,12 @@ _SECRET = re.compile(r"((?:signature|credential|security-token|secret[_-]?access
                      r"[^&\s'\"<>),;]+", re.IGNORECASE)
 
 
-def object_too_large(size: int | None) -> str | None:
+def object_too_large(size: int | None) -> RowError | None:
     """The error for an object of ``size`` bytes over ``MAX_OBJECT_BYTES``; None when it fits."""
     if size is None or size <= MAX_OBJECT_BYTES:
         return None
-    return f"too large: object is {size / 2**20:.0f} MiB, over the {MAX_OBJECT_BYTES // 2**20} MiB limit"
+    return RowError(ErrorKind.TOO_LARGE,
+                    f"too large: object is {size / 2**20:.0f} MiB, over the {MAX_OBJECT_BYTES // 2**20} MiB limit")
 
 
 def redact(text: str) -> str:

@@ -29,8 +29,10 @@ def test_decode_tasks_hand_on_exactly_the_declared_columns():
     Image.new("RGB", (300, 200), (10, 200, 30)).save(buf, "JPEG")
     batch = {"uri": np.array(["a.jpg", "b.jpg", "c.jpg"], dtype=object),
              "bytes": np.array([buf.getvalue(), b"", b"junk"], dtype=object),
-             "error": np.array(["", "", "read failed: gone"], dtype=object)}
+             "error": np.array(["", "", "read failed: gone"], dtype=object),
+             "error_kind": np.array(["", "", "read"], dtype=object)}
     out = decode_batch(batch, 64)
     assert set(out) == set(DECODED_COLUMNS)
     assert out["pixels"].shape == (3, 64, 64, 3) and out["pixels"].dtype == np.uint8
     assert list(out["error"]) == ["", "empty object", "read failed: gone"]  # the reader's reason wins
+    assert list(out["error_kind"]) == ["", "decode", "read"]

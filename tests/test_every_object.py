@@ -19,10 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ngt_ray.job.contracts import ERROR_KINDS, error_kind
+from ngt_ray.errors import ErrorKind, RowError
+from ngt_ray.job.contracts import error_columns, errors_of
 from ngt_ray.job.pipeline import ModerationConfig, run_moderation
 from ngt_ray.job.sources import _read_listed, list_entries
-from ngt_ray.storage import MAX_OBJECT_BYTES, redact, resolve
+from ngt_ray.nets.decode import decode_image
+from ngt_ray.storage import MAX_OBJECT_BYTES, object_too_large, redact, resolve
 
 # name -> None where the object is scored, else (kind, the start of its error message)
 EXPECTED: dict[str, tuple[str, str] | None] = {
@@ -133,10 +135,10 @@ def test_the_listing_finds_every_entry_and_says_what_it_is(tmp_path):
     entries = {Path(e.path).relative_to(root).as_posix(): e for e in list_entries(loc)}
     assert set(entries) == {".dot/a.jpg", "_under/b.jpg", ".c.jpg", "_d.jpg", "e.jpg", "loop", "link.jpg",
                             "dangling", "fifo"}
-    assert entries["link.jpg"].problem == "" and entries["link.jpg"].size == 1
-    assert entries["dangling"].problem == "symlink target missing"
-    assert entries["loop"].problem.startswith("not a regular file: a symlink to a folder")
-    assert entries["fifo"].problem == "not a regular file: a FIFO"
+    assert entries["link.jpg"].problem is None and entries["link.jpg"].size == 1
+    assert entries["dangling"].problem == RowError(ErrorKind.NOT_A_FILE, "symlink target missing")
+    assert entries["loop"].problem.message.startswith("not a regular file: a symlink to a folder")
+    assert entries["fifo"].problem == RowError(ErrorKind.NOT_A_FILE, "not a regular file: a FIFO")
     # a manifest's paths are looked at before they are read: a FIFO never blocks the reader
     rows = _read_listed({"path": np.array([str(root / "fifo"), str(root / "e.jpg")], dtype=object)}, loc)
     assert list(rows["error"]) == ["not a regular file: a FIFO", ""] and list(rows["bytes"]) == [b"", b"x"]
@@ -158,9 +160,16 @@ def test_messages_carry_no_address_signature_or_key():
     signed = "read failed: https://b.s3.amazonaws.com/k.jpg?X-Amz-Credential=AKIA%2F&X-Amz-Signature=0f9e reset"
     assert "AKIA" not in redact(signed) and "0f9e" not in redact(signed) and "k.jpg" in redact(signed)
     assert redact("denied (X-Amz-Security-Token=IQoJb3Jp)") == "denied (X-Amz-Security-Token=<redacted>)"
-    assert error_kind("retest decode failed: the image is truncated") == "decode"
-    assert error_kind("read failed after 3 attempts: SlowDown") == "read"
-    assert error_kind("something new") == "other"
+
+
+
+def test_an_error_kind_is_decided_where_the_failure_is_met_not_read_from_its_wording():
+    assert decode_image(b"", 64)[1].kind == decode_image(b"plain text", 64)[1].kind == ErrorKind.DECODE
+    assert object_too_large(2**30).kind == ErrorKind.TOO_LARGE and object_too_large(10) is None
+    retest = RowError(ErrorKind.READ, "reworded").prefixed("retest ")
+    assert retest == RowError(ErrorKind.READ, "retest reworded")
+    columns = error_columns([None, retest])  # as they travel between stages, and back
+    assert errors_of(columns["error"], columns["error_kind"]) == [None, retest]
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -185,11 +194,11 @@ def test_every_object_of_the_bad_bucket_gives_exactly_one_row(bad_bucket, tmp_pa
             assert row["decided_by"] == "error" and row["flagged"] is False and row["score"] is None, name
             assert row["error_kind"] == kind and row["error"].startswith(message), (name, row["error"])
             assert not re.search(r"\b0x[0-9a-f]{6,}|<", row["error"]), row["error"]  # no repr, no address
-    errors = {kind: sum(want is not None and want[0] == kind for want in EXPECTED.values()) for kind in ERROR_KINDS}
+    errors = {kind: sum(want is not None and want[0] == kind for want in EXPECTED.values()) for kind in ErrorKind}
     assert stats["objects"] == stats["images"] == len(rows) == 28 and stats["objects_from"] == "listing"
-    assert {kind: stats[f"errors_{kind}"] for kind in ERROR_KINDS} == errors
+    assert {kind: stats[f"errors_{kind}"] for kind in ErrorKind} == errors
     scored = sum(r["error"] is None for r in rows)
-    assert stats["objects"] == scored + sum(stats[f"errors_{kind}"] for kind in ERROR_KINDS)
+    assert stats["objects"] == scored + sum(stats[f"errors_{kind}"] for kind in ErrorKind)
     assert stats["errors"] == sum(errors.values()) == 9
 
     # the uris are a function of the paths: a second run finds every object written, reads none again

@@ -177,7 +177,7 @@ def test_s3_wrong_credentials_fail_clearly(planted, s3_server, tmp_path, monkeyp
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(PermissionError):
-        read_source(resolve("s3://moderation-in/photos", s3_server["endpoint"]))
+        read_source(resolve("s3://moderation-in/photos", s3_server["endpoint"]))[0]
 
 
 def test_webdataset_shards(planted, tmp_path):

@@ -25,8 +25,8 @@ def test_sub_packages_import_only_the_layers_below_them():
     import ast
     from pathlib import Path
 
-    rank = {"options": 0, "storage": 0, "grouptesting": 1, "nets": 2, "training": 3, "job": 3, "tools": 4, "cluster": 4,
-            "cli": 5}
+    rank = {"options": 0, "errors": 0, "storage": 0, "grouptesting": 1, "nets": 2, "training": 3, "job": 3, "tools": 4,
+            "cluster": 4, "cli": 5}
     root = Path(__file__).resolve().parent.parent / "ngt_ray"
     for path in root.rglob("*.py"):
         layer = path.relative_to(root).parts[0].removesuffix(".py")

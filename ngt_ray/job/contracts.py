@@ -5,24 +5,27 @@
   actors get the read stage's rows, without ``pixels``);
 * ``Screened``: what the screen hands the confirmation, inside one model actor;
 * ``FLAGS_SCHEMA``: what the user reads, one row per object;
-* ``ERROR_KINDS``: what kind of failure an error row is, read from how its message starts.
+* ``error_columns`` / ``errors_of``: per-row errors (``ngt_ray.errors.RowError``) as the two
+  string columns that carry them between stages, and back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
+from ngt_ray.errors import ErrorKind, RowError
 from ngt_ray.grouptesting.cost_table import StageCosts
 from ngt_ray.grouptesting.group_size import GroupSize
 
 if TYPE_CHECKING:  # the aggregator reads this module and stays torch-free
     from ngt_ray.nets.shapes import CallSizes
 
-__all__ = ["DECODED_COLUMNS", "ERROR_KINDS", "FLAGS_SCHEMA", "ActorSpec", "Screened", "error_kind"]
+__all__ = ["DECODED_COLUMNS", "FLAGS_SCHEMA", "ActorSpec", "Screened", "error_columns", "errors_of"]
 
 @dataclass(frozen=True)
 class ActorSpec:
@@ -54,6 +57,7 @@ DECODED_COLUMNS = {
     "bytes": "bytes: the encoded image, kept for the confirmation's own decode at its input size",
     "pixels": "uint8 (H, W, 3) at the screen's input size (the individual model's without a screen)",
     "error": 'str: why the object could not be decoded; "" when fine (an all-null column loses its type)',
+    "error_kind": "str: that error's kind (ngt_ray.errors.ErrorKind), decided where it failed; \"\" when fine",
 }
 
 FLAGS_SCHEMA = pa.schema(
@@ -73,22 +77,16 @@ FLAGS_SCHEMA = pa.schema(
     ]
 )
 
-# The kinds of error row, each with how its messages start. The readers (``ngt_ray.job.sources``,
-# ``ngt_ray.job.fetch``) and the decoder (``ngt_ray.nets.decode``) write messages that start so;
-# the flags carry the kind, and the stats count each (``errors_<kind>``). "other" is anything else.
-ERROR_KINDS: dict[str, tuple[str, ...]] = {
-    "not_a_file": ("symlink", "not a regular file", "folder cannot be listed", "file cannot be followed"),
-    "read": ("read failed",),
-    "too_large": ("too large",),
-    "decode": ("decode failed", "empty object"),
-    "other": (),
-}
+def error_columns(errors: Sequence[RowError | None]) -> dict[str, np.ndarray]:
+    """The ``error`` and ``error_kind`` columns of per-row errors: "" where a row is fine (between
+    stages an all-None column loses its string type)."""
+    return {"error": np.array([e.message if e else "" for e in errors], dtype=object),
+            "error_kind": np.array([e.kind.value if e else "" for e in errors], dtype=object)}
 
 
-def error_kind(message: str) -> str:
-    """The kind (a key of ``ERROR_KINDS``) of an error message; a retest's is its decode error's."""
-    text = message.removeprefix("retest ")
-    return next((kind for kind, starts in ERROR_KINDS.items() if starts and text.startswith(starts)), "other")
+def errors_of(messages: Iterable[str | None], kinds: Iterable[str | None]) -> list[RowError | None]:
+    """Per-row errors back from their two columns (``error_columns``, or null where fine)."""
+    return [RowError(ErrorKind(kind), str(message)) if message else None for message, kind in zip(messages, kinds)]
 
 
 @dataclass

@@ -13,7 +13,9 @@ size and with their runtime levers. Everything streams; only the stats row is ga
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+import warnings
 from collections.abc import Iterator
 
 import ray
@@ -28,14 +30,14 @@ from ngt_ray.job.phases import collect, operator_cpu_seconds, start_ledger
 from ngt_ray.job.placement import cluster_nodes
 from ngt_ray.job.plan import DECODERS, JobPlan, ModerationConfig, actor_placement, plan
 from ngt_ray.job.sources import read_source
-from ngt_ray.job.stages import Moderator, decode_batch, decode_memory
+from ngt_ray.job.stages import Moderator, decode_batch, decode_memory, model_actor_memory
 from ngt_ray.job.stats import STATS_COLUMNS, phase_columns, summarize
 from ngt_ray.nets.loading import load_model
 from ngt_ray.nets.profiling import stage_seconds
 from ngt_ray.nets.runtime import accelerate, pick_device
-from ngt_ray.storage import require_bucket, resolve
+from ngt_ray.storage import require_bucket
 
-__all__ = ["DECODERS", "ModerationConfig", "actor_placement", "build", "run_moderation", "summarise"]
+__all__ = ["DECODERS", "ModerationConfig", "actor_placement", "build", "init_ray", "run_moderation", "summarise"]
 
 # Decode tasks share workers with the read tasks. A pool of their own (a distinct runtime_env) kept
 # a read task's leftover heap out of their measured memory, but on a 2-CPU node Ray's cap on idle
@@ -74,28 +76,26 @@ def _ordered(ordered: bool) -> Iterator[None]:
         options.preserve_order = before
 
 
-def build(p: JobPlan, skip: frozenset[str] = frozenset(), listing: dict[str, int] | None = None) -> ray.data.Dataset:
-    """read -> decode -> moderate: the lazy Ray Data chain of a plan (``write`` consumes it);
-    ``skip`` holds the uris an earlier attempt of the run already wrote; ``listing`` gets the
-    listing's ``objects`` count (see ``read_source``)."""
+def build(p: JobPlan, skip: frozenset[str] = frozenset()) -> tuple[ray.data.Dataset, int | None]:
+    """read -> decode -> moderate: the lazy Ray Data chain of a plan (``write`` consumes it), and
+    the objects the listing found (None where nothing is listed; see ``read_source``). ``skip``
+    holds the uris an earlier attempt of the run already wrote."""
     cfg, tasks = p.cfg, p.placement.task_resources
-    src = resolve(cfg.input, cfg.s3_endpoint)
-    paths = manifest_paths(cfg.input_manifest, src, key_column=cfg.key_column, s3_endpoint=cfg.s3_endpoint,
+    paths = manifest_paths(cfg.input_manifest, p.source, key_column=cfg.key_column, s3_endpoint=cfg.s3_endpoint,
                            task_cpus=p.placement.task_cpus) if cfg.input_manifest else None
-    ds = read_source(src, cfg.input_format, image_column=cfg.image_column, key_column=cfg.key_column, paths=paths,
-                     skip=skip, task_cpus=p.placement.task_cpus, block_rows=p.batch_size, listing=listing)
+    ds, objects = read_source(p.source, cfg.input_format, image_column=cfg.image_column, key_column=cfg.key_column,
+                              paths=paths, skip=skip, task_cpus=p.placement.task_cpus, block_rows=p.batch_size)
     if p.decode_in_tasks:  # draft-mode JPEG decode on any node, CPU-only ones included; uint8 onwards
         # One decode block is one model batch: the actor takes it as it is, with no concatenation.
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": p.decode_size, "ledger": p.actor.ledger},
                             batch_size=p.batch_size, batch_format="pyarrow",
-                            memory=decode_memory(p.batch_size, p.decode_size),
-                            scheduling_strategy="SPREAD", **tasks)
+                            memory=decode_memory(p.batch_size, p.decode_size), **tasks)
     ds = ds.map_batches(
         Moderator, fn_constructor_kwargs={"spec": p.actor}, batch_size=p.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=p.placement.pool_max),
-        **p.placement.resources,
+        memory=model_actor_memory(p.batch_size, p.decode_size), **p.placement.resources,
     )
-    return ds
+    return ds, objects
 
 
 def summarise(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, float], stream_seconds: float,
@@ -132,6 +132,21 @@ def _actor_start_timeout(seconds: float) -> Iterator[None]:
         ctx.wait_for_min_actors_s = before
 
 
+def init_ray(address: str | None = None) -> None:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``), or start a local Ray. A local Ray keeps Ray's
+    default, token authentication; the warning Ray logs to say it chose that default (a notice, not
+    a problem) is kept off the console."""
+    if ray.is_initialized():
+        return
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    before = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        ray.init(address=address)
+    finally:
+        notice.setLevel(before)
+
+
 def run_moderation(cfg: ModerationConfig) -> dict:
     """Run the job end to end and return the stats row as a dict.
 
@@ -139,12 +154,14 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     a missing bucket is an error), and an earlier attempt's rows are skipped, so a re-run after an
     interruption writes only what is missing.
     """
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
+    # Ray Data's advice for a pool that got fewer blocks than its minimum size (a resumed run with
+    # little left) is to split blocks: here a block is one model batch on purpose
+    warnings.filterwarnings("ignore", "The minimum number of concurrent actors", UserWarning)
     start, started_at = time.perf_counter(), time.time()
     p = plan(cfg, cluster_nodes())
     if cfg.input_manifest:  # nothing is listed on the driver: a wrong input bucket must still stop the run here
-        require_bucket(resolve(cfg.input, cfg.s3_endpoint), "input", BucketError)
+        require_bucket(p.source, "input", BucketError)
     out = RunOutput.open(cfg.output, run_config(cfg), cfg.s3_endpoint, overwrite=cfg.overwrite)
     if cfg.measure_time:
         p = p.with_seconds(ray.get(ray.remote(_measure_seconds).options(**p.placement.resources).remote(p)))
@@ -152,13 +169,12 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     try:
         p = p.with_ledger(ledger)
         stream_start = time.perf_counter()
-        listing: dict[str, int] = {}
-        ds = build(p, out.done, listing)
+        ds, objects = build(p, out.done)
         with _ordered(cfg.ordered), _actor_start_timeout(cfg.actor_start_timeout):
             ds.write_parquet(out.flags.path, filesystem=out.flags.arrow_fs, try_create_dir=False,
                              min_rows_per_file=cfg.rows_per_file, ray_remote_args=_WRITE_RESOURCES)
         stream_seconds = time.perf_counter() - stream_start
         return summarise(p, ledger, operator_cpu_seconds(ds), stream_seconds, time.perf_counter() - start, out,
-                         started_at, listing.get("objects"))
+                         started_at, objects)
     finally:
         ray.kill(ledger)

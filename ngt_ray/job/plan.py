@@ -37,7 +37,7 @@ from ngt_ray.nets.profiling import stage_macs
 from ngt_ray.nets.runtime import RUNTIMES
 from ngt_ray.nets.shapes import CallSizes
 from ngt_ray.options import Common, option
-from ngt_ray.storage import resolve
+from ngt_ray.storage import Location, resolve
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ class JobPlan:
     """The decided job: what each actor gets, where it runs, how batches and decode are shaped."""
 
     cfg: ModerationConfig
+    source: Location  # the input, resolved once: every reader and the driver's checks use this
     actor: ActorSpec
     placement: Placement
     batch_size: int
@@ -174,12 +175,6 @@ def _check_decode_fits(nodes: Nodes, batch: int, size: int) -> None:
         f"nodes need at least {least / 2**30:.1f} GiB for Ray to schedule a decode task"
     raise PlacementError(f"a decode task of {batch} images needs {need / 2**30:.1f} GiB of memory and the largest "
                          f"node offers {max(memory) / 2**30:.1f} GiB; {fix}")
-
-
-def _input_root(cfg: ModerationConfig) -> str:
-    """The URL every input object's uri starts with (see ``Location.uri``)."""
-    loc = resolve(cfg.input, cfg.s3_endpoint)
-    return loc.object_uri(loc.path).rstrip("/") + "/"
 
 
 @functools.cache
@@ -267,13 +262,14 @@ def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
         _check_decode_fits(nodes, batch, decode_size)
     device = "cuda" if on_gpu else "cpu"
     calls = call_sizes(batch, on_gpu)
+    source = resolve(cfg.input, cfg.s3_endpoint)
     actor = ActorSpec(
         individual_model=individual_stem, screen_model=None if individual else model,
         algorithm=cfg.algorithm, group_size=group_size, seed=cfg.seed, min_size=cfg.min_size,
         prevalence_prior=cfg.prevalence_prior, macs=macs, seconds=None, device=device,
         threads=placement.threads, runtime=cfg.runtime, decode_here=decode_here, stub_models=cfg.stub_models,
-        input_root=_input_root(cfg), screen_calls=CallSizes.up_to(calls, per_image=True),
-        confirm_calls=CallSizes.up_to(calls),
+        input_root=source.object_uri(source.path).rstrip("/") + "/",
+        screen_calls=CallSizes.up_to(calls, per_image=True), confirm_calls=CallSizes.up_to(calls),
     )
     info = {
         "group_size": str(group_size),  # "auto": chosen per batch, mean_group_size says what was used
@@ -300,7 +296,7 @@ def plan(cfg: ModerationConfig, nodes: Nodes | Mapping[str, float]) -> JobPlan:
         **cfg.extra_info,
     }
     return JobPlan(
-        cfg=cfg, actor=actor, placement=placement, batch_size=batch, decode_in_tasks=not decode_here,
+        cfg=cfg, source=source, actor=actor, placement=placement, batch_size=batch, decode_in_tasks=not decode_here,
         decode_size=decode_size, screen_path=model,
         timing_sizes=sizes, timing_batch=batch if on_gpu else 8, info=info,
     )

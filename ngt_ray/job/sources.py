@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
+from ngt_ray.errors import ErrorKind, RowError
+from ngt_ray.job.contracts import error_columns, errors_of
 from ngt_ray.job.fetch import fetch
 from ngt_ray.storage import Location, object_too_large
 
@@ -58,18 +60,19 @@ def detect_format(loc: Location) -> str:
     return "images"
 
 
-_LISTED_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("problem", pa.string())])
+_LISTED_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("problem", pa.string()),
+                            ("problem_kind", pa.string())])
 _OBJECTS_PER_READ = 256  # objects one read call fetches (concurrently, on object stores)
 
 
 @dataclass(frozen=True)
 class Listed:
     """One object of the job's listing: its path, its size where the listing says (-1 where it does
-    not), and why it cannot be read as an object ("" where it can)."""
+    not), and why it cannot be read as an object (None where it can)."""
 
     path: str
     size: int = -1
-    problem: str = ""
+    problem: RowError | None = None
 
 
 def list_entries(loc: Location) -> list[Listed]:
@@ -112,7 +115,7 @@ def _walk_local(root: str) -> Iterator[Listed]:
         except OSError as exc:
             if folder == root:
                 raise
-            yield Listed(folder, problem=f"folder cannot be listed ({exc.strerror})")
+            yield Listed(folder, problem=RowError(ErrorKind.NOT_A_FILE, f"folder cannot be listed ({exc.strerror})"))
             continue
         for child in children:
             if child.is_dir(follow_symlinks=False):
@@ -132,18 +135,21 @@ def _local_entry(path: str) -> Listed:
     try:
         info = os.stat(path)  # follows a symlink
     except FileNotFoundError:
-        return Listed(path, problem="symlink target missing" if link else "read failed: vanished since listed")
+        return Listed(path, problem=RowError(ErrorKind.NOT_A_FILE, "symlink target missing") if link else
+                      RowError(ErrorKind.READ, "read failed: vanished since listed"))
     except OSError as exc:  # a symlink loop, a folder on the way that cannot be searched
-        return Listed(path, problem=f"{'symlink' if link else 'file'} cannot be followed ({exc.strerror})")
+        return Listed(path, problem=RowError(ErrorKind.NOT_A_FILE,
+                                             f"{'symlink' if link else 'file'} cannot be followed ({exc.strerror})"))
     if stat.S_ISREG(info.st_mode):
         return Listed(path, info.st_size)
     what = next((name for test, name in _FILE_TYPES if test(info.st_mode)), "a special file")
-    return Listed(path, problem=f"not a regular file: {'a symlink to ' if link else ''}{what}"
-                  f"{' (links to folders are not followed)' if link and what == 'a folder' else ''}")
+    return Listed(path, problem=RowError(
+        ErrorKind.NOT_A_FILE, f"not a regular file: {'a symlink to ' if link else ''}{what}"
+                              f"{' (links to folders are not followed)' if link and what == 'a folder' else ''}"))
 
 
 def _read_objects(batch: dict[str, np.ndarray], loc: Location) -> dict[str, np.ndarray]:
-    """``(bytes, error, read_attempts)`` columns for a batch of object paths (``_read_listed`` names
+    """``(bytes, error, error_kind, read_attempts)`` columns for a batch of object paths (``_read_listed`` names
     the rows).
 
     ``ngt_ray.job.fetch`` reads them concurrently, retries transient failures with backoff, and
@@ -157,8 +163,8 @@ def _read_objects(batch: dict[str, np.ndarray], loc: Location) -> dict[str, np.n
     sizes = [int(s) if s is not None and s >= 0 else None for s in batch["size"]] if "size" in batch else None
     got = fetch(loc.fs, paths, sizes=sizes)
     blobs = [value if isinstance(value, bytes) else b"" for value in got.results]
-    errors = ["" if isinstance(value, bytes) else str(value) for value in got.results]
-    return {"bytes": np.array(blobs, dtype=object), "error": np.array(errors, dtype=object),
+    errors = [None if isinstance(value, bytes) else RowError(ErrorKind.READ, str(value)) for value in got.results]
+    return {"bytes": np.array(blobs, dtype=object), **error_columns(errors),
             "read_attempts": np.array(got.attempts, dtype=np.int16)}
 
 
@@ -224,23 +230,24 @@ def _read_listed(batch: dict[str, np.ndarray], loc: Location) -> dict[str, np.nd
     """
     paths = [str(p) for p in batch["path"]]
     if "problem" in batch:
-        entries = [Listed(*row) for row in zip(paths, map(int, batch["size"]), map(str, batch["problem"]))]
+        problems = errors_of(batch["problem"], batch["problem_kind"])
+        entries = [Listed(*row) for row in zip(paths, map(int, batch["size"]), problems)]
     elif "file" in loc.fs.protocol:
         entries = [_local_entry(p) for p in paths]
     else:
         entries = [Listed(p) for p in paths]
-    errors = [entry.problem or object_too_large(entry.size) or "" for entry in entries]
-    todo = [i for i, error in enumerate(errors) if not error]
+    errors = [entry.problem or object_too_large(entry.size) for entry in entries]
+    todo = [i for i, error in enumerate(errors) if error is None]
     # read even when every row has its reason: the reader's own columns come out all the same
     read = _read_objects({"path": np.array([paths[i] for i in todo], dtype=object),
                           "size": np.array([entries[i].size for i in todo], dtype=np.int64)}, loc)
     blobs = np.full(len(paths), b"", dtype=object)
-    for i, blob, error in zip(todo, read["bytes"], read["error"]):
+    for i, blob, error in zip(todo, read["bytes"], errors_of(read["error"], read["error_kind"])):
         too_large = object_too_large(len(blob))
         blobs[i] = b"" if too_large else blob
-        errors[i] = too_large or str(error)
+        errors[i] = too_large or error
     out = {"uri": np.array([loc.object_uri(p) for p in paths], dtype=object), "bytes": blobs,
-           "error": np.array(errors, dtype=object)}
+           **error_columns(errors)}
     for name, column in read.items():  # any other column the reader makes; rows it did not read: zero
         if name not in out:
             out[name] = np.zeros(len(paths), dtype=column.dtype)
@@ -258,9 +265,10 @@ def read_source(
     skip: frozenset[str] = frozenset(),
     task_cpus: float = 1.0,
     block_rows: int = _OBJECTS_PER_READ,
-    listing: dict[str, int] | None = None,
-) -> ray.data.Dataset:
-    """A lazy Dataset of ``{"uri": str, "bytes": bytes}`` rows for the objects under ``loc``.
+) -> tuple[ray.data.Dataset, int | None]:
+    """A lazy Dataset of ``{"uri": str, "bytes": bytes}`` rows for the objects under ``loc``, and
+    how many objects the listing found (those an earlier attempt wrote included), or None where
+    nothing is listed on the driver (a manifest, packed inputs whose rows are samples).
 
     ``paths``: a Dataset of ``{"path": ...}`` rows (from a manifest) read instead of listing ``loc``.
     ``skip``: uris already written by an earlier attempt of the run (never read again where the
@@ -268,8 +276,6 @@ def read_source(
     ``task_cpus``: CPUs of each read task (see ``ngt_ray.job.placement``).
     ``block_rows``: listed objects per block at most. A block is what flows to the model actors and
     the writer as one piece, so it is also the smallest piece of work an interrupted run keeps.
-    ``listing``: given, it gets ``objects``, how many objects the listing found (those an earlier
-    attempt wrote included); it stays empty where nothing is listed (a manifest, packed inputs).
     """
     tasks = {"num_cpus": task_cpus}
     if paths is not None:
@@ -277,14 +283,15 @@ def read_source(
     elif fmt == "auto":
         fmt = detect_format(loc)
     per_read = min(block_rows, _OBJECTS_PER_READ)
+    listed = None
     if fmt == "images":
         if paths is None:
             # Listed once on the driver (as Ray's file readers do), then read in batches: Ray's
             # read_binary_files builds a one-row table per object, ~200 us of CPU each.
             entries = list_entries(loc)
-            if listing is not None:
-                listing["objects"] = len(entries)
-            todo = [{"path": e.path, "size": e.size, "problem": e.problem} for e in entries
+            listed = len(entries)
+            todo = [{"path": e.path, "size": e.size, "problem": e.problem and e.problem.message,
+                     "problem_kind": e.problem and e.problem.kind} for e in entries
                     if loc.object_uri(e.path) not in skip]
             # blocks of exactly ``per_read`` entries (from_items would split them evenly: 2000 into
             # 8 x 250), so every later batch of ``block_rows`` is one block: a batch that straddles two
@@ -294,7 +301,7 @@ def read_source(
         elif skip:
             paths = paths.filter(lambda row: loc.object_uri(row["path"]) not in skip)
         return paths.map_batches(_read_listed, fn_kwargs={"loc": loc}, batch_size=per_read,
-                                 batch_format="numpy", **tasks)
+                                 batch_format="numpy", **tasks), listed
     if fmt == "webdataset":
         ds = ray.data.read_binary_files(
             loc.path, include_paths=True, filesystem=loc.arrow_fs, file_extensions=["tar"], num_cpus=task_cpus
@@ -317,4 +324,4 @@ def read_source(
         raise ValueError(f"input format must be one of {('auto', *FORMATS)}, got {fmt!r}")
     if skip:
         ds = ds.map_batches(_unfinished, fn_kwargs={"skip": skip}, batch_format="numpy", **tasks)
-    return ds
+    return ds, listed

@@ -11,6 +11,7 @@ whole block), and times its phases (``ngt_ray.job.phases``) into the job's ledge
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -18,11 +19,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ngt_ray.errors import RowError
 from ngt_ray.grouptesting.algorithms import screen
 from ngt_ray.grouptesting.calibration import ScreenQuality
 from ngt_ray.grouptesting.grouping import batch_rng, group_ids, key_hashes
 from ngt_ray.grouptesting.planning import PrevalenceEstimate, group_size_that_pays
-from ngt_ray.job.contracts import FLAGS_SCHEMA, ActorSpec, Screened, error_kind
+from ngt_ray.job.contracts import FLAGS_SCHEMA, ActorSpec, Screened, error_columns, errors_of
 from ngt_ray.job.phases import DEVICE_PHASES, PhaseClock, round_phase
 from ngt_ray.nets.checkpoint import ModelCard
 from ngt_ray.nets.decode import MAX_DECODE_BYTES, decode_many, decode_on_device
@@ -31,11 +33,15 @@ from ngt_ray.nets.runtime import accelerate, compile_cache_hits, inference_conte
 from ngt_ray.nets.shapes import CallSizes, ShapeLedger, fix_shapes, warm_up
 from ngt_ray.storage import MAX_OBJECT_BYTES, redact
 
-__all__ = ["FLAGS_SCHEMA", "ModelActor", "Moderator", "decode_batch", "decode_budget", "decode_memory"]
+__all__ = ["FLAGS_SCHEMA", "ModelActor", "Moderator", "decode_batch", "decode_budget", "decode_memory",
+           "model_actor_memory"]
 
 # Private memory of a worker that runs decode tasks, before any work: Ray's worker with torch
 # imported (measured 320-360 MiB with Ray 2.60, torch 2.14, CPython 3.11).
 _DECODE_WORKER = 400 * 2**20
+# Private memory of a model actor's worker with both models loaded and every call shape warmed
+# (Ray Data measured up to 3.1 GiB for the default firearm models on a CPU).
+_MODEL_WORKER = 3 * 2**30
 
 
 def decode_budget(rows: int, size: int) -> int:
@@ -51,6 +57,14 @@ def decode_memory(rows: int, size: int) -> int:
     """The ``memory=`` a decode task reserves: its budget and the quarter more Ray Data asks for (it
     warns, "used X against a Y reservation", when a task's peak times 1.25 is over its reservation)."""
     return decode_budget(rows, size) * 5 // 4
+
+
+def model_actor_memory(rows: int, size: int) -> int:
+    """The ``memory=`` a model actor reserves: its worker with torch, both models and their warmed
+    shapes, and a batch's pixels a few times over (the Arrow block, the tensor on the host, the
+    confirmation's own decode), with Ray Data's quarter on top. Without it Ray Data counts the
+    actor as needing nothing, schedules by CPU alone and warns once it sees what the actor uses."""
+    return (_MODEL_WORKER + 4 * rows * size * size * 3) * 5 // 4
 
 
 def decode_batch(batch: dict[str, np.ndarray] | pa.Table, size: int,
@@ -69,19 +83,15 @@ def decode_batch(batch: dict[str, np.ndarray] | pa.Table, size: int,
         columns = _Columns(batch)
         pixels, errors = decode_many(columns.blobs(), size, channels_last=True)
         if columns.has("error"):  # the reader could not fetch these: its reason, not "empty object"
-            errors = [read_error or err for read_error, err in zip(columns.values("error"), errors)]
-        out = {
-            "uri": columns.get("uri"),
-            "bytes": columns.get("bytes"),
-            "pixels": pixels,
-            # "" rather than None between stages: an all-None column loses its string type in transit
-            "error": np.array([e or "" for e in errors], dtype=object),
-        }
+            read_errors = errors_of(columns.values("error"), columns.values("error_kind"))
+            errors = [read_error or err for read_error, err in zip(read_errors, errors)]
+        out = {"uri": columns.get("uri"), "bytes": columns.get("bytes"), "pixels": pixels, **error_columns(errors)}
         if columns.arrow:
             from ray.data.block import BlockAccessor
 
             out["pixels"] = BlockAccessor.batch_to_block({"pixels": pixels}).column("pixels")  # Ray's tensor type
             out["error"] = pa.array(out["error"], pa.string())
+            out["error_kind"] = pa.array(out["error_kind"], pa.string())
             out = pa.table(out)
     if ledger is not None:
         ledger.add.remote(clock.finish_batch(len(errors)), "decode_tasks")
@@ -179,7 +189,9 @@ class ModelActor:
         if isinstance(pixels, torch.Tensor):  # decoded on the device: NCHW already there
             x = pixels.to(self.device)
             return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
-        host = torch.from_numpy(np.ascontiguousarray(pixels))
+        with warnings.catch_warnings():  # zero-copy from the Arrow block, which is read-only: only read here
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            host = torch.from_numpy(np.ascontiguousarray(pixels))
         if self.device.type != "cuda":
             return host.permute(0, 3, 1, 2)
         if self._copied is not None:  # the last copy out of the buffer must be done before it is refilled
@@ -350,7 +362,7 @@ class Moderator(ModelActor):
         screened.compute_seconds[todo] += self.spec.seconds.confirm if self.spec.seconds is not None else np.nan
         for i, err in zip(todo, decode_errors):
             if err is not None:  # after a screen, a changed or vanished object
-                errors[i] = f"retest {err}" if screened.group_id[i] >= 0 else err
+                errors[i] = err.prefixed("retest ") if screened.group_id[i] >= 0 else err
                 flagged[i] = False
         return flagged
 
@@ -365,11 +377,11 @@ class _Batch:
     def has(self, name: str) -> bool:
         return name in self.table.column_names
 
-    def errors(self) -> list[str | None]:
-        """Per row the reader's or decoder's error, None when fine ("" travels between stages)."""
+    def errors(self) -> list[RowError | None]:
+        """Per row the reader's or decoder's error, None when fine."""
         if not self.has("error"):
             return [None] * self.table.num_rows
-        return [e or None for e in self.table.column("error").to_pylist()]
+        return errors_of(self.table.column("error").to_pylist(), self.table.column("error_kind").to_pylist())
 
     def pixels(self) -> np.ndarray:
         """The pixel column as one array: zero-copy from a single block."""
@@ -382,9 +394,8 @@ class _Batch:
         return column.to_pylist() if rows is None else [column[int(i)].as_py() for i in rows]
 
 
-def _flags_table(uris: np.ndarray, flagged: np.ndarray, errors: list[str | None], s: Screened) -> pa.Table:
+def _flags_table(uris: np.ndarray, flagged: np.ndarray, errors: list[RowError | None], s: Screened) -> pa.Table:
     """The final rows of a batch, in ``FLAGS_SCHEMA``; error messages as people may read them."""
-    errors = [None if e is None else redact(e) for e in errors]
     is_error = np.array([e is not None for e in errors], dtype=bool)
     decided_by = np.where(is_error, "error", np.where(
         s.candidate, "retest", np.where(s.cleared_in_round_one, "group", "subgroup")))
@@ -402,8 +413,8 @@ def _flags_table(uris: np.ndarray, flagged: np.ndarray, errors: list[str | None]
             "tests": pa.array(s.tests, pa.float32(), mask=no_group),
             "compute_macs": pa.array(s.compute_macs, pa.float64(), mask=~spent),
             "compute_seconds": pa.array(s.compute_seconds, pa.float64(), mask=~spent | np.isnan(s.compute_seconds)),
-            "error": pa.array(errors, pa.string()),
-            "error_kind": pa.array([None if e is None else error_kind(e) for e in errors], pa.string()),
+            "error": pa.array([None if e is None else redact(e.message) for e in errors], pa.string()),
+            "error_kind": pa.array([None if e is None else e.kind.value for e in errors], pa.string()),
         },
         schema=FLAGS_SCHEMA,
     )

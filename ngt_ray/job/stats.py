@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
+from ngt_ray.errors import ErrorKind
 from ngt_ray.grouptesting.cost_table import StageCosts
-from ngt_ray.job.contracts import ERROR_KINDS
 from ngt_ray.job.phases import PHASES
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["STATS_COLUMNS", "count_rows", "phase_columns", "summarize", "top_phases"]
 
 STATS_COLUMNS = ["flagged", "decided_by", "group_size", "tests", "compute_macs", "compute_seconds", "error_kind"]
-_ERROR_COUNTS = tuple(f"errors_{kind}" for kind in ERROR_KINDS)
+_ERROR_COUNTS = tuple(f"errors_{kind}" for kind in ErrorKind)
 _COUNTS = ("images", "errors", "flagged", "retests", "subgroup_cleared", "first_round_groups", "grouped",
            "group_tests", "compute_macs", "compute_seconds", "timed_images", *_ERROR_COUNTS)
 
@@ -54,7 +54,7 @@ def count_rows(batch: pa.Table) -> pa.Table:
         "compute_macs": [total(batch["compute_macs"])],
         "compute_seconds": [total(seconds)],
         "timed_images": [float(len(seconds) - seconds.null_count)],
-        **{f"errors_{kind}": [total(pc.equal(batch["error_kind"], kind))] for kind in ERROR_KINDS},
+        **{f"errors_{kind}": [total(pc.equal(batch["error_kind"], kind.value))] for kind in ErrorKind},
     })
 
 

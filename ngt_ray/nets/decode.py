@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ngt_ray.errors import ErrorKind, RowError
 from ngt_ray.storage import MAX_OBJECT_BYTES, object_too_large, redact
 
 __all__ = ["MAX_DECODE_BYTES", "MAX_OBJECT_BYTES", "MAX_PIXELS", "decode_image", "decode_many", "decode_on_device"]
@@ -51,12 +52,12 @@ _REDUCIBLE = frozenset({"L", "RGB", "CMYK", "I", "F"})
 _STRIP_PIXELS = 2**22  # source pixels converted at a time where the mode needs converting (16 MiB of RGBA)
 
 
-def _pixels_error(width: int, height: int) -> str | None:
+def _pixels_error(width: int, height: int) -> RowError | None:
     """The error for an image of ``width`` x ``height`` over ``MAX_PIXELS``; None when it fits."""
     if width * height <= MAX_PIXELS:
         return None
-    return (f"too large: image is {width}x{height} ({width * height / 1e6:.0f} Mpx), "
-            f"over the {MAX_PIXELS / 1e6:.0f} Mpx limit")
+    return RowError(ErrorKind.TOO_LARGE, f"too large: image is {width}x{height} ({width * height / 1e6:.0f} Mpx), "
+                                         f"over the {MAX_PIXELS / 1e6:.0f} Mpx limit")
 
 
 def _header_size(data: bytes) -> tuple[int, int] | None:
@@ -72,14 +73,14 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException) -> RowError:
     """A decode failure for people: Pillow's reason without the object's repr in it."""
     if isinstance(exc, UnidentifiedImageError):
-        return "decode failed: not an image Pillow can read"
+        return RowError(ErrorKind.DECODE, "decode failed: not an image Pillow can read")
     text = redact(str(exc)).strip()
     if isinstance(exc, OSError) and "truncated" in text:
-        return "decode failed: the image is truncated"
-    return f"decode failed: {type(exc).__name__}: {text}"[:500]
+        return RowError(ErrorKind.DECODE, "decode failed: the image is truncated")
+    return RowError(ErrorKind.DECODE, f"decode failed: {type(exc).__name__}: {text}"[:500])
 
 
 def _convertible(img: Image.Image) -> Image.Image:
@@ -113,10 +114,10 @@ def _reduced(img: Image.Image, size: int) -> Image.Image:
     return small if small.mode == "RGB" else small.convert("RGB")
 
 
-def _decode_rgb(data: bytes | None, size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode_rgb(data: bytes | None, size: int) -> tuple[np.ndarray | None, RowError | None]:
     """Decode ``data`` to an RGB ``(size, size, 3)`` uint8 array (HWC, as Pillow lays it out)."""
     if not data:
-        return None, "empty object"
+        return None, RowError(ErrorKind.DECODE, "empty object")
     if (too_large := object_too_large(len(data))) is not None:
         return None, too_large
     try:
@@ -132,7 +133,7 @@ def _decode_rgb(data: bytes | None, size: int) -> tuple[np.ndarray | None, str |
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         size_found = _header_size(data)
         return None, (_pixels_error(*size_found) if size_found else None) or \
-            f"too large: the image is over the {MAX_PIXELS / 1e6:.0f} Mpx limit"
+            RowError(ErrorKind.TOO_LARGE, f"too large: the image is over the {MAX_PIXELS / 1e6:.0f} Mpx limit")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         return None, _reason(exc)
 
@@ -145,7 +146,7 @@ def _resize_hwc(rgb: np.ndarray, size: int) -> np.ndarray:
     return out[0].permute(1, 2, 0).contiguous().numpy()
 
 
-def decode_image(data: bytes | None, size: int) -> tuple[np.ndarray | None, str | None]:
+def decode_image(data: bytes | None, size: int) -> tuple[np.ndarray | None, RowError | None]:
     """Decode ``data`` to an RGB ``(3, size, size)`` uint8 array, or return ``(None, reason)``.
 
     JPEGs larger than the target are decoded at reduced size by the DCT (Pillow's draft mode), which
@@ -157,7 +158,7 @@ def decode_image(data: bytes | None, size: int) -> tuple[np.ndarray | None, str 
 
 
 def decode_many(blobs: Collection[bytes | None], size: int,
-                channels_last: bool = False) -> tuple[np.ndarray, list[str | None]]:
+                channels_last: bool = False) -> tuple[np.ndarray, list[RowError | None]]:
     """Decode a batch; failed images are zero-filled in the array and named in the error list.
 
     ``blobs`` is iterated once, in order, so it may produce each image's bytes only when asked
@@ -168,7 +169,7 @@ def decode_many(blobs: Collection[bytes | None], size: int,
     convolutions want anyway. Otherwise ``(N, 3, size, size)``.
     """
     pixels = np.zeros((len(blobs), size, size, 3), dtype=np.uint8)
-    errors: list[str | None] = []
+    errors: list[RowError | None] = []
     for i, blob in enumerate(blobs):
         arr, err = _decode_rgb(blob, size)
         if arr is not None:
@@ -236,7 +237,7 @@ def _resize_into(pixels: torch.Tensor, decoded: dict[int, torch.Tensor], size: i
 
 
 def decode_on_device(blobs: list[bytes | None], size: int,
-                     device: torch.device) -> tuple[torch.Tensor, list[str | None]]:
+                     device: torch.device) -> tuple[torch.Tensor, list[RowError | None]]:
     """Decode a batch where the model runs: JPEGs in one batched call (nvJPEG on CUDA), resized there.
 
     Non-JPEG objects, and any JPEG the batched decoder rejects, fall back one by one to the CPU
@@ -247,7 +248,7 @@ def decode_on_device(blobs: list[bytes | None], size: int,
     from torchvision.io import ImageReadMode, decode_jpeg
 
     pixels = torch.zeros((len(blobs), 3, size, size), dtype=torch.uint8, device=device)
-    errors: list[str | None] = [None] * len(blobs)
+    errors: list[RowError | None] = [None] * len(blobs)
     jpegs = [i for i, b in enumerate(blobs) if _is_jpeg(b) and _fits(b)]
     decoded: dict[int, torch.Tensor] = {}
     if jpegs:
