@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pyarrow.parquet as pq
 import pytest
 
@@ -11,20 +9,23 @@ from ngt_ray.job.phases import PHASES, PhaseClock
 from ngt_ray.job.pipeline import ModerationConfig, run_moderation
 
 
-def test_phase_clock_nests_and_measures_the_wait_between_batches():
+def test_phase_clock_nests_and_measures_the_wait_between_batches(monkeypatch):
+    """On a clock the test moves by hand: exact seconds, whatever else the machine is doing."""
+    now = [100.0]
+    monkeypatch.setattr("ngt_ray.job.phases.time.perf_counter", lambda: now[0])
     clock = PhaseClock()
     clock.start_batch()
     with clock.phase("bookkeeping"):
-        time.sleep(0.02)
+        now[0] += 0.02
         with clock.phase("round_1"):
-            time.sleep(0.05)
+            now[0] += 0.05
     first = clock.finish_batch(4)
-    assert 0.05 <= first["wall"]["round_1"] < 0.2
-    assert 0.02 <= first["wall"]["bookkeeping"] < 0.05  # its nested round is not counted twice
+    assert first["wall"]["round_1"] == pytest.approx(0.05)
+    assert first["wall"]["bookkeeping"] == pytest.approx(0.02)  # its nested round is not counted twice
     assert "wait" not in first["wall"] and first["images"] == 4
-    time.sleep(0.03)
+    now[0] += 0.03
     clock.start_batch()
-    assert clock.finish_batch(1)["wall"]["wait"] >= 0.03
+    assert clock.finish_batch(1)["wall"]["wait"] == pytest.approx(0.03)
     with pytest.raises(ValueError, match="unknown phase"), clock.phase("lunch"):
         pass
 

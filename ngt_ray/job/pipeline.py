@@ -5,7 +5,7 @@
          candidates with the individual model) -> <output>/flags/*.parquet -> <output>/stats.parquet
 
 ``plan`` (``ngt_ray.job.plan``) decides everything up front without Ray; ``build`` is the Ray Data
-chain; ``summarise`` writes the stats row, with where the time went. Before the stream starts, one
+chain; ``present_run`` writes the stats row, with where the time went. Before the stream starts, one
 task on the actors' kind of resource measures what each stage costs there, at the actors' batch
 size and with their runtime levers. Everything streams; only the stats row is gathered.
 """
@@ -31,18 +31,18 @@ from ngt_ray.job.placement import cluster_nodes
 from ngt_ray.job.plan import DECODERS, JobPlan, ModerationConfig, actor_placement, plan
 from ngt_ray.job.sources import read_source
 from ngt_ray.job.stages import Moderator, decode_batch, decode_memory, model_actor_memory
-from ngt_ray.job.stats import STATS_COLUMNS, phase_columns, summarize
+from ngt_ray.job.stats import STATS_COLUMNS, phase_columns, stats_row
 from ngt_ray.nets.loading import load_model
 from ngt_ray.nets.profiling import stage_seconds
 from ngt_ray.nets.runtime import accelerate, pick_device
 from ngt_ray.storage import require_bucket
 
-__all__ = ["DECODERS", "ModerationConfig", "actor_placement", "build", "init_ray", "run_moderation", "summarise"]
+__all__ = ["DECODERS", "ModerationConfig", "actor_placement", "build", "init_ray", "present_run", "run_moderation"]
 
 # Decode tasks share workers with the read tasks. A pool of their own (a distinct runtime_env) kept
 # a read task's leftover heap out of their measured memory, but on a 2-CPU node Ray's cap on idle
-# workers then killed a worker after nearly every task and started another (about 4 s of importing
-# torch each): the soak ran at 27 objects/s. Their reservation (``decode_memory``) covers a worker
+# workers then killed a worker after nearly every task and started another (seconds of importing
+# torch each). Their reservation (``decode_memory``) covers a worker
 # that ran reads too, and it also keeps Ray Data from fusing decode into the model actor, where it
 # would run serially with inference (fusion needs equal remote arguments).
 # Writers reserve no CPU: a flags file is a few kB of rows, and a writer that waited for a CPU the
@@ -98,7 +98,7 @@ def build(p: JobPlan, skip: frozenset[str] = frozenset()) -> tuple[ray.data.Data
     return ds, objects
 
 
-def summarise(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, float], stream_seconds: float,
+def present_run(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, float], stream_seconds: float,
               wall_seconds: float, out: RunOutput, started_at: float, objects: int | None = None) -> dict:
     """Present the run (``RunOutput.commit``: stats.parquet from every row in flags/, then
     ``_SUCCESS``) and return its stats row."""
@@ -115,7 +115,7 @@ def summarise(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, fl
             # from the job's start (listing included) to the first model batch's rows: what a
             # bucket-scale listing costs, and what --input-manifest saves
             "seconds_to_first_output": first - started_at if first is not None else float("nan")}
-    stats = summarize(written, p.actor.macs, p.actor.seconds, info, wall_seconds)
+    stats = stats_row(written, p.actor.macs, p.actor.seconds, info, wall_seconds)
     out.commit(stats)
     return stats.to_pylist()[0]
 
@@ -174,7 +174,7 @@ def run_moderation(cfg: ModerationConfig) -> dict:
             ds.write_parquet(out.flags.path, filesystem=out.flags.arrow_fs, try_create_dir=False,
                              min_rows_per_file=cfg.rows_per_file, ray_remote_args=_WRITE_RESOURCES)
         stream_seconds = time.perf_counter() - stream_start
-        return summarise(p, ledger, operator_cpu_seconds(ds), stream_seconds, time.perf_counter() - start, out,
+        return present_run(p, ledger, operator_cpu_seconds(ds), stream_seconds, time.perf_counter() - start, out,
                          started_at, objects)
     finally:
         ray.kill(ledger)

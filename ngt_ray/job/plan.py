@@ -114,10 +114,10 @@ class ModerationConfig(OnCluster):
         object.__setattr__(self, "group_size", GroupSize.parse(self.group_size))
 
 
-# Decode placement, by measurement: on one H200 node with 16 cores, (c) ran 0.65x the plain recipe
-# with draft-mode decode in CPU tasks and 0.38x with nvJPEG in the two model actors (whose
-# batched nvJPEG call costs ~0.5 ms of CPU per image there). Decode moves onto the GPU only where
-# CPUs are what is short.
+# Decode placement: a batched nvJPEG call still costs the model actor's own CPU (about half a
+# millisecond an image), taken from the loop that feeds the GPU, while decode tasks spread over every
+# core of the node. Decode moves onto the GPU only where CPUs are what is short (docs/status.md
+# has the measurement behind it).
 _CPUS_PER_GPU_FOR_CPU_DECODE = 8
 
 

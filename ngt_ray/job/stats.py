@@ -25,7 +25,7 @@ from ngt_ray.job.phases import PHASES
 if TYPE_CHECKING:
     from ngt_ray.job.plan import Placement
 
-__all__ = ["STATS_COLUMNS", "count_rows", "phase_columns", "summarize", "top_phases"]
+__all__ = ["STATS_COLUMNS", "count_rows", "phase_columns", "stats_row", "top_phases"]
 
 STATS_COLUMNS = ["flagged", "decided_by", "group_size", "tests", "compute_macs", "compute_seconds", "error_kind"]
 _ERROR_COUNTS = tuple(f"errors_{kind}" for kind in ErrorKind)
@@ -107,7 +107,7 @@ def top_phases(wall: dict[str, float], n: int = 3) -> str:
     return ", ".join(f"{name} {sec / total:.0%}" for name, sec in ranked if sec > 0)
 
 
-def summarize(flags: ray.data.Dataset, macs: StageCosts, seconds: StageCosts | None, info: dict,
+def stats_row(flags: ray.data.Dataset, macs: StageCosts, seconds: StageCosts | None, info: dict,
               wall_seconds: float) -> pa.Table:
     """Reduce the flags to the stats row (``info`` adds model name, design, algorithm, ...).
 

@@ -113,12 +113,11 @@ def compile_cache_hits() -> int:
 class NativeDepthwise(nn.Module):
     """A depthwise convolution run by PyTorch's own CUDA kernel instead of cuDNN.
 
-    On an H200 (torch 2.11, cuDNN 9) a model call with a batch shape the process had not met cost
-    about 1.9 s of CPU against 5-28 ms for a repeat (``jobs/gpu_probe.py``); cuDNN 9 is reported
-    to compile depthwise execution plans at run time, and EfficientNet-Lite's blocks are built
-    around depthwise convolutions, while group testing meets new batch shapes in almost every
-    round. PyTorch's native depthwise kernel needs no plan. This lever has not run on a GPU yet:
-    ``enabled = False`` hands the layers back to cuDNN, and the probe measures both.
+    A model call with a batch shape a process has not met costs seconds of CPU on a GPU node, a
+    repeat milliseconds (``jobs/gpu_probe.py`` measures both): cuDNN 9 is reported to compile
+    depthwise execution plans at run time, and EfficientNet-Lite's blocks are built around
+    depthwise convolutions. PyTorch's native depthwise kernel needs no plan. ``enabled = False``
+    hands the layers back to cuDNN, and the probe measures both.
     """
 
     enabled = True
