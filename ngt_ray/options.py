@@ -45,16 +45,30 @@ class Common:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Photos:
-    """The labelled photos a command trains, calibrates, evaluates or builds buckets from."""
+    """The labelled photos a command trains, calibrates, compresses, evaluates or builds buckets from:
+    a manifest, folders of positives and negatives, or else Caltech-101 (``revolver`` positive).
+    ``ngt_ray.training.labelled.labelled_photos`` reads them, split once and for all."""
 
-    data: Path | None = option(None, "Caltech-101 folder holding train/ (default: $NGT_RAY_DATA/caltech101 or "
-                                     "../shared/data/caltech101)")
+    manifest: str | None = option(None, "CSV or Parquet of uri,label[,source,split] (a path or any fsspec URL): the "
+                                        "labelled photos, instead of Caltech-101")
+    positives: tuple[str, ...] = option((), "folders or URLs of photos of the class (with --negatives, instead of "
+                                            "Caltech-101)", nargs="+")
+    negatives: tuple[str, ...] = option((), "folders or URLs of photos without it", nargs="+")
+    data: Path | None = option(None, "Caltech-101 folder holding train/, read without --manifest and --positives "
+                                     "(default: $NGT_RAY_DATA/caltech101 or ../shared/data/caltech101)")
+    s3_endpoint: str | None = option(None, "S3 endpoint URL for s3:// photos (default: $AWS_ENDPOINT_URL or AWS)")
 
     @property
-    def photos(self) -> Path:
+    def caltech(self) -> Path:
+        """The Caltech-101 folder: ``--data`` or the shared default."""
         if self.data is not None:
             return Path(self.data)
         return shared_data_root() / "caltech101"
+
+    @property
+    def photos(self) -> Photos:
+        """These photo options alone, apart from the command's others."""
+        return Photos(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Photos)})
 
 
 def shared_data_root() -> Path:

@@ -19,6 +19,7 @@ counted, not hidden.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ from ngt_ray.job.stages import ModelActor
 from ngt_ray.nets.checkpoint import get_model, load_checkpoint, read_card
 from ngt_ray.nets.runtime import RUNTIMES, inference_context
 from ngt_ray.options import Photos, option
-from ngt_ray.training.datasets import caltech_split
+from ngt_ray.training.labelled import LabelledSet, labelled_photos, read_image_bytes, without_placeholders
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class BenchmarkConfig(OnCluster, Photos):
     markdown: Path = option(Path("docs/benchmarks.md"), "the table of every device JSON in --output")
     input: str | None = option(None, "a folder of JPEGs to use instead of a generated bucket")
     n_images: int = option(2000, "JPEGs in the generated bucket, made from held-out photos")
-    prevalence: float = option(0.001, "share of planted revolvers in the generated bucket")
+    prevalence: float = option(0.001, "share of planted positives in the generated bucket")
     width: int = option(500, "width of the generated JPEGs")
     height: int = option(375, "height of the generated JPEGs")
     decode: str = option("auto", "decode placement of (b) and (c) (see moderate --decode)", choices=DECODERS)
@@ -74,31 +75,34 @@ class BenchmarkConfig(OnCluster, Photos):
     actors_per_gpu: int = option(2, "model actors sharing each GPU, in every pipeline")
     workers: int | None = option(None, "processes that build the bucket (default: all cores)")
     compare_decode: bool = option(False, "also run (c) with --decode cpu, to place decode by measurement")
-    # The generated bucket plants Caltech revolvers, so the revolver pair is the default; with
-    # --input (a firearm bucket, say) name the pair that class uses.
+    # The generated bucket plants Caltech revolvers unless --manifest or --positives name other
+    # photos, so the revolver pair is the default; for another class (or an --input bucket of it)
+    # name the pair that class uses.
     model: str = option("revolver-lite0-tree-k8-compressed", "screen of (c) (a checkpoint stem or packaged name)")
     individual_model: str = option("revolver-lite0-individual", "model of (a) and (b), and the confirmation of (c)")
     cascade_model: str | None = option("firearm-lite0-cascade-k1", "screen of (d), confirmed by the individual model "
                                                                    "its card names (none: no (d))")
 
 
-def _write_jpeg(job: tuple[Path, Path, bool, int, int]) -> None:
-    src, dest, mirror, width, height = job
-    with Image.open(src) as img:
+def _write_jpeg(job: tuple[Path | str, Path, bool, int, int, str | None]) -> None:
+    src, dest, mirror, width, height, s3_endpoint = job
+    with Image.open(io.BytesIO(read_image_bytes(src, s3_endpoint))) as img:
         img = img.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
         if mirror:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         img.save(dest, "JPEG", quality=90)
 
 
-def make_jpeg_bucket(data: Path, root: Path, n: int, prevalence: float, width: int, height: int,
-                     seed: int = 0, workers: int | None = None) -> tuple[Path, set[str]]:
-    """``n`` JPEGs of ``width`` x ``height`` made from held-out Caltech photos, ``prevalence`` of them
-    (at least one) revolvers, written by ``workers`` processes. Photos are reused, mirrored on odd
-    passes, when ``n`` exceeds the set; empty files (placeholders that keep the hash split of a
-    partial copy intact) are skipped. Returns the folder and the file names of the positives."""
+def make_jpeg_bucket(photos: LabelledSet, root: Path, n: int, prevalence: float, width: int, height: int,
+                     seed: int = 0, workers: int | None = None,
+                     s3_endpoint: str | None = None) -> tuple[Path, set[str]]:
+    """``n`` JPEGs of ``width`` x ``height`` made from the held-out (``test``) photos of ``photos``,
+    ``prevalence`` of them (at least one) positives, written by ``workers`` processes. Photos are
+    reused, mirrored on odd passes, when ``n`` exceeds the set; empty files (placeholders that keep
+    the hash split of a partial copy intact) are skipped. Returns the folder and the file names of
+    the positives."""
     rng = np.random.default_rng(seed)
-    items = [(path, label) for path, label in caltech_split(data, "test") if path.stat().st_size]
+    items = without_placeholders(photos.split("test"), s3_endpoint)
     labels = np.array([label for _, label in items])
     pos_idx, neg_idx = plant(labels, prevalence, rng, total=n)
     chosen = [(items[i][0], True) for i in pos_idx] + [(items[i][0], False) for i in neg_idx]
@@ -110,7 +114,7 @@ def make_jpeg_bucket(data: Path, root: Path, n: int, prevalence: float, width: i
         path, positive = chosen[idx]
         name = f"{j:08d}.jpg"
         mirror = bool((idx // (positives if positive else negatives)) % 2)
-        jobs.append((path, root / name, mirror, width, height))
+        jobs.append((path, root / name, mirror, width, height, s3_endpoint))
         if positive:
             planted.add(name)
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
@@ -208,8 +212,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     if cfg.input:
         bucket = cfg.input
     else:
-        root, positives = make_jpeg_bucket(cfg.photos, workdir / "bucket", cfg.n_images, cfg.prevalence,
-                                           cfg.width, cfg.height, cfg.seed, cfg.workers)
+        root, positives = make_jpeg_bucket(labelled_photos(cfg), workdir / "bucket", cfg.n_images, cfg.prevalence,
+                                           cfg.width, cfg.height, cfg.seed, cfg.workers, cfg.s3_endpoint)
         bucket = str(root)
     n_images = sum(1 for _ in Path(bucket).glob("*.jpg")) if not bucket.startswith(("s3://", "gs://")) \
         else cfg.n_images

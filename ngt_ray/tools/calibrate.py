@@ -22,8 +22,8 @@ from ngt_ray.nets.checkpoint import ModelCard, load_checkpoint, write_card
 from ngt_ray.nets.model import GroupTestingModel
 from ngt_ray.nets.runtime import pick_device
 from ngt_ray.options import Common, Photos, option
-from ngt_ray.training.datasets import caltech_split
 from ngt_ray.training.embeddings import embed_images, sample_groups, score_cached_groups
+from ngt_ray.training.labelled import labelled_photos
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class CalibrateConfig(Common, Photos):
 
 def calibrate_sizes(model: GroupTestingModel, card: ModelCard, embedded: torch.Tensor, labels: np.ndarray,
                     sizes: Sequence[int] = DEFAULT_SIZES, target_recall: float = 0.99, groups_per_size: int = 600,
-                    seed: int = 0, device: torch.device | str = "cpu", split: str = "caltech101 val") -> ModelCard:
+                    seed: int = 0, device: torch.device | str = "cpu", split: str = "val") -> ModelCard:
     """A copy of ``card`` with a threshold per size in ``sizes`` (size 1: every image once)."""
     device = torch.device(device)
     rng = np.random.default_rng(seed)
@@ -128,17 +128,19 @@ def composite_rows(model: GroupTestingModel, embedded: torch.Tensor, labels: np.
     return out
 
 
-def recalibrate(stem: str | Path, data: Path, sizes: Sequence[int] = DEFAULT_SIZES, target_recall: float = 0.99,
+def recalibrate(stem: str | Path, photos: Photos, sizes: Sequence[int] = DEFAULT_SIZES, target_recall: float = 0.99,
                 groups_per_size: int = 600, seed: int = 0, device: str = "auto", batch: int = 32) -> ModelCard:
-    """Re-calibrate a saved screen checkpoint on the whole ``val`` split and rewrite its card."""
+    """Re-calibrate a saved screen checkpoint on the whole ``val`` split of ``photos`` and rewrite its card."""
     model, card = load_checkpoint(stem)
     if card.design == "individual":
         raise ValueError(f"{stem} is an individual model; calibrate a screen (group) model")
     dev = pick_device(device)
     model = model.to(dev)
-    items = caltech_split(data, "val")
+    labelled = labelled_photos(photos)
+    items = labelled.split("val")
     labels = np.array([label for _, label in items])
     embedded = embed_images(model, items, card.input_size, batch, dev)
-    card = calibrate_sizes(model, card, embedded, labels, sizes, target_recall, groups_per_size, seed, dev)
+    card = calibrate_sizes(model, card, embedded, labels, sizes, target_recall, groups_per_size, seed, dev,
+                           split=f"{labelled.name} val")
     write_card(card, stem)
     return card

@@ -35,7 +35,6 @@ from ngt_ray.nets.surgery import linearise
 from ngt_ray.options import option
 from ngt_ray.tools.calibrate import FittingOptions, calibrate_sizes
 from ngt_ray.training.acceptance import Verdict, judge
-from ngt_ray.training.datasets import caltech_split
 from ngt_ray.training.easier import activation_entropy
 from ngt_ray.training.embeddings import (
     embed_images,
@@ -46,6 +45,7 @@ from ngt_ray.training.embeddings import (
     training_embeddings,
 )
 from ngt_ray.training.finetune import FinetuneConfig, finetune_groups, group_loss
+from ngt_ray.training.labelled import labelled_photos
 from ngt_ray.training.pruning import channel_pruner
 
 log = logging.getLogger(__name__)
@@ -146,12 +146,13 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     latency_batch = cfg.latency_batch or (256 if device.type == "cuda" else 32)
     k = card.group_size
 
-    log.info("embedding train and val photos at %d px", card.input_size)
-    train_items = subsample_negatives(caltech_split(cfg.photos, "train"), cfg.max_negatives, rng)
+    photos = labelled_photos(cfg)
+    log.info("embedding train and val photos of %s at %d px", photos.name, card.input_size)
+    train_items = subsample_negatives(photos.split("train"), cfg.max_negatives, rng)
     embedded, labels, _ = training_embeddings(teacher, train_items, card.input_size, cfg.batch_size, device)
     singles = torch.sigmoid(score_cached_groups(teacher, embedded, [[i] for i in range(len(labels))], device))
     weights = hard_negative_weights(singles.numpy(), labels, cfg.hard_negative_fraction)
-    val_items = subsample_negatives(caltech_split(cfg.photos, "val"), cfg.max_negatives, rng)
+    val_items = subsample_negatives(photos.split("val"), cfg.max_negatives, rng)
     val_labels = np.array([label for _, label in val_items])
     val_embedded = embed_images(teacher, val_items, card.input_size, cfg.batch_size, device)
     holdout = Holdout(val_embedded, val_labels, cfg.acceptance_sizes, cfg.acceptance_groups, cfg.seed + 1,
@@ -225,7 +226,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
                      "target_recall": cfg.target_recall},
     )
     val_cal = calibrate_sizes(student, compressed, val_embedded, val_labels, cfg.calibration_sizes,
-                              cfg.target_recall, cfg.val_groups, cfg.seed, device)
+                              cfg.target_recall, cfg.val_groups, cfg.seed, device, split=f"{photos.name} val")
     save_checkpoint(student, val_cal, cfg.output, shared_keys)
     final = _row("compressed (saved)", student, val_cal, device, latency_batch, assess(student), positives, 0.0)
     report = {

@@ -1,8 +1,9 @@
 """``ngt-ray demo``: a local bucket of real photos with planted positives, moderated end to end.
 
 The bucket is built from a held-out ``test`` split (never trained or calibrated on): Caltech-101's
-by default (negatives from every class, ``revolver`` photos planted), or a labelled manifest's with
-``--manifest`` (the firearm set: real firearm photos among everyday scenes), optionally with
+by default (negatives from every class, ``revolver`` photos planted), or that of the labelled
+photos named by ``--manifest`` (the firearm set: real firearm photos among everyday scenes) or
+``--positives``/``--negatives``, optionally with
 copy-paste composites among the positives (``--paste``: small guns in scenes). Positives are planted
 at the chosen prevalence under random object names, so nothing but the pixels says which is which.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,8 @@ import pyarrow.parquet as pq
 
 from ngt_ray.grouptesting.buckets import plant
 from ngt_ray.options import Photos, option
-from ngt_ray.storage import resolve
 from ngt_ray.training.copypaste import pasted_positives
-from ngt_ray.training.datasets import LabelledImage, caltech_split
-from ngt_ray.training.labelled import LabelledSet, read_image_bytes
+from ngt_ray.training.labelled import labelled_photos, read_image_bytes, without_placeholders
 
 __all__ = ["PlantedBucket", "build_bucket", "recall_of"]
 
@@ -33,8 +32,6 @@ class DemoConfig(Photos):
 
     prevalence: float = option(0.01, "share of planted positives")
     max_images: int | None = option(None, "cap on negatives (default: all of the test split)")
-    manifest: str | None = option(None, "a labelled manifest (uri,label[,source,split]) whose test split makes "
-                                        "the bucket (default: Caltech-101 under --data)")
     paste: int = option(0, "copy-paste composites added to the positives the bucket is planted from")
     workdir: Path | None = option(None, "folder for the bucket and the results (default: a new temporary folder)")
 
@@ -46,16 +43,17 @@ class PlantedBucket:
     count: int
 
 
-def build_bucket(data: Path, dest: Path, *, prevalence: float = 0.01, max_images: int | None = None,
+def build_bucket(photos: Photos | Path, dest: Path, *, prevalence: float = 0.01, max_images: int | None = None,
                  split: str = "test", seed: int = 0, manifest: str | None = None,
                  paste: int = 0) -> PlantedBucket:
-    """Copy negatives and ``prevalence`` positives from ``split`` (of Caltech-101 under ``data``, or
-    of ``manifest``) into ``dest`` under random names; ``paste`` composites join the positives."""
+    """Copy negatives and ``prevalence`` positives from ``split`` of ``photos`` (the ``Photos``
+    options, or a Caltech-101 folder; ``manifest`` replaces their manifest) into ``dest`` under
+    random names; ``paste`` composites join the positives."""
+    photos = photos if isinstance(photos, Photos) else Photos(data=photos)
+    if manifest:
+        photos = replace(photos, manifest=manifest)
     rng = np.random.default_rng(seed)
-    items: list[LabelledImage] = (LabelledSet.from_manifest(manifest).split(split) if manifest
-                                  else caltech_split(data, split))
-    # empty files are placeholders that keep the hash split of a partial copy intact
-    items = [(path, label) for path, label in items if _size(path)]
+    items = without_placeholders(labelled_photos(photos).split(split), photos.s3_endpoint)
     if paste:
         items += pasted_positives(items, paste, rng)[0]
     pos_idx, neg_idx = plant(np.array([label for _, label in items]), prevalence, rng, negatives=max_images)
@@ -66,17 +64,10 @@ def build_bucket(data: Path, dest: Path, *, prevalence: float = 0.01, max_images
     planted = set()
     for path, positive in [(p, True) for p in chosen_pos] + [(p, False) for p in chosen_neg]:
         name = f"{uuid.UUID(int=int(rng.integers(0, 2**63)) << 64 | int(rng.integers(0, 2**63))).hex}.jpg"
-        (dest / name).write_bytes(read_image_bytes(path))
+        (dest / name).write_bytes(read_image_bytes(path, photos.s3_endpoint))
         if positive:
             planted.add(name)
     return PlantedBucket(dest, planted, len(chosen_pos) + len(chosen_neg))
-
-
-def _size(path: Path | str | bytes) -> int:
-    if isinstance(path, bytes):
-        return len(path)
-    loc = resolve(str(path))
-    return int(loc.fs.size(loc.path))
 
 
 def recall_of(flags_dir: Path, positives: set[str]) -> tuple[float, int]:

@@ -1,8 +1,8 @@
 """``ngt-ray evaluate``: designs x algorithms x group size x prevalence on held-out photos.
 
-Every cell simulates a bucket from a held-out split, never trained or calibrated on (Caltech-101's
-``test`` split, or that of a labelled manifest such as the firearm set's, optionally with
-copy-paste composites: small firearms in real scenes): all negatives, positives planted at the
+Every cell simulates a bucket from a held-out split, never trained or calibrated on (the ``test``
+split of the labelled photos: Caltech-101's, a manifest's such as the firearm set's, or folders';
+optionally with copy-paste composites: small firearms in real scenes): all negatives, positives planted at the
 prevalence (fewer negatives where positives run out), random groups. The real screen model
 scores every group test (on cached embeddings: the same numbers the job's actors compute) and the
 real individual model confirms the candidates. Reported per cell,
@@ -37,9 +37,8 @@ from ngt_ray.nets.profiling import stage_macs, stage_seconds
 from ngt_ray.nets.runtime import pick_device
 from ngt_ray.options import Common, Photos, option
 from ngt_ray.training.copypaste import pasted_positives
-from ngt_ray.training.datasets import LabelledImage, caltech_split
 from ngt_ray.training.embeddings import embed_images, score_cached_groups
-from ngt_ray.training.labelled import LabelledSet
+from ngt_ray.training.labelled import SPLITS, LabelledImage, labelled_photos
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +53,9 @@ class EvaluationConfig(Common, Photos):
     individual_model: str | None = option(None, "confirmation checkpoint stem (default: the packaged individual "
                                                 "model of each screen's class)")
     output: Path = option(Path("docs/evaluation"), "folder for Parquet, markdown and PNG plots")
-    split: str = option("test", "split the buckets are made of", choices=("train", "val", "test"))
-    manifest: str | None = option(None, "a labelled manifest (uri,label[,source,split]) to draw the split from "
-                                        "(default: Caltech-101 under --data)")
+    split: str = option("test", "split the buckets are made of", choices=SPLITS)
     paste: int = option(0, "copy-paste positives added to the split from its own cut-outs and scenes (small "
                            "objects in real scenes; ngt_ray.training.copypaste)")
-    s3_endpoint: str | None = option(None, "S3 endpoint URL for s3:// data (default: $AWS_ENDPOINT_URL or AWS)")
     sizes: Sequence[int] = option((2, 4, 8, 16, 32), "group sizes")
     prevalences: Sequence[float] = option((0.001, 0.005, 0.01, 0.05), "prevalences")
     algorithms: Sequence[str] = option(tuple(ALGORITHMS), "group-testing algorithms (default: every registered one)")
@@ -83,16 +79,16 @@ def dorfman_reference(p: float) -> float:
     return min(1 / k + 1 - (1 - p) ** k for k in range(1, 1001))
 
 
-def _items(cfg: EvaluationConfig) -> list[LabelledImage]:
-    """The split's labelled photos, and the composites made from them when asked."""
-    items = (LabelledSet.from_manifest(cfg.manifest, cfg.s3_endpoint).split(cfg.split) if cfg.manifest
-             else caltech_split(cfg.photos, cfg.split))
+def _items(cfg: EvaluationConfig) -> tuple[list[LabelledImage], str]:
+    """The split's labelled photos, and the composites made from them when asked; the set's name."""
+    photos = labelled_photos(cfg)
+    items: list[LabelledImage] = list(photos.split(cfg.split))
     if cfg.paste:
         made, used = pasted_positives(items, cfg.paste, np.random.default_rng([cfg.seed, 7]))
         log.info("%s split: %d composites from %d cut-outs and %d scenes", cfg.split, len(made), used["cut_outs"],
                  used["scenes"])
         items = items + made
-    return items
+    return items, photos.name
 
 
 def _bucket(labels: np.ndarray, p: float, population: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -146,7 +142,7 @@ def _cell(algorithm: str, k: int, bucket: np.ndarray, labels: np.ndarray, indivi
 def evaluate(cfg: EvaluationConfig) -> pa.Table:
     """Run every cell, write the Parquet table, markdown and plots, and return the table."""
     device = pick_device(cfg.device)
-    items = _items(cfg)
+    items, photos = _items(cfg)
     labels = np.array([label for _, label in items])
     # The buckets first, so only photos some bucket uses are embedded (all of them at full size).
     buckets = {(p, t): _bucket(labels, p, cfg.population, np.random.default_rng([cfg.seed, t, round(p * 1e6)]))
@@ -199,13 +195,13 @@ def evaluate(cfg: EvaluationConfig) -> pa.Table:
                     rows.append(row)
                     log.info("%s %s k=%d p=%.3f: recall %.2f, relative MACs %.3f, time %.3f", card.design,
                              algorithm, k, p, row["recall"], row["relative_macs"], row["relative_time"])
-        table = _write(rows, cfg)  # after every model, so a long run keeps what it has measured
+        table = _write(rows, cfg, photos)  # after every model, so a long run keeps what it has measured
     if not rows:
         raise ValueError("no screen models to evaluate (individual models have no group test)")
     report = calibration_markdown(screens, cfg.prevalences)
     (cfg.output / "screens.md").write_text(report + "\n")
     print(report)
-    print(_markdown(table, cfg, best_only=True))
+    print(_markdown(table, cfg, photos, best_only=True))
     return table
 
 
@@ -241,16 +237,16 @@ def calibration_markdown(screens: list[dict], prevalences: Sequence[float]) -> s
     return "\n".join(lines)
 
 
-def _write(rows: list[dict], cfg: EvaluationConfig) -> pa.Table:
+def _write(rows: list[dict], cfg: EvaluationConfig, photos: str) -> pa.Table:
     table = pa.Table.from_pylist(rows)
     cfg.output.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, cfg.output / "results.parquet")
-    (cfg.output / "results.md").write_text(_markdown(table, cfg))
+    (cfg.output / "results.md").write_text(_markdown(table, cfg, photos))
     _plots(table, cfg.output)
     return table
 
 
-def _markdown(table: pa.Table, cfg: EvaluationConfig, best_only: bool = False) -> str:
+def _markdown(table: pa.Table, cfg: EvaluationConfig, photos: str, best_only: bool = False) -> str:
     rows = table.to_pylist()
     if best_only:  # per model, algorithm and prevalence: the cheapest k
         best: dict[tuple, dict] = {}
@@ -268,9 +264,8 @@ def _markdown(table: pa.Table, cfg: EvaluationConfig, best_only: bool = False) -
         for r in rows
     )
     title = "cheapest k per model, algorithm and prevalence" if best_only else "every cell"
-    data = f"`{cfg.manifest}`" if cfg.manifest else "Caltech-101"
     pasted = f" plus {cfg.paste} copy-paste positives" if cfg.paste else ""
-    return (f"# ngt-ray evaluate: {title}\n\n{data} `{cfg.split}` split{pasted}, {cfg.trials} trials per cell; "
+    return (f"# ngt-ray evaluate: {title}\n\n`{photos}` `{cfg.split}` split{pasted}, {cfg.trials} trials per cell; "
             f"relative = cost / (individual model on every image).\n\n{head}{body}")
 
 

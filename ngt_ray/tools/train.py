@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,6 @@ from ngt_ray.nets.runtime import pick_device
 from ngt_ray.options import option
 from ngt_ray.tools.calibrate import FittingOptions, calibrate_sizes, composite_rows
 from ngt_ray.training.copypaste import pasted_positives
-from ngt_ray.training.datasets import LabelledImage, caltech_split
 from ngt_ray.training.degrade import degraded_copies
 from ngt_ray.training.embeddings import (
     embed_images,
@@ -51,7 +49,7 @@ from ngt_ray.training.embeddings import (
 )
 from ngt_ray.training.finetune import FinetuneConfig, finetune_groups
 from ngt_ray.training.heads import fit_head
-from ngt_ray.training.labelled import LabelledSet
+from ngt_ray.training.labelled import LabelledImage, labelled_photos
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +63,7 @@ class TrainConfig(FittingOptions):
     """One training run of the individual and group models."""
 
     output: Path = option(Path("ngt_ray/checkpoints"), "folder for the checkpoints")
-    positives: tuple[str, ...] = option((), "folders or URLs of images of the class (comma-separated; default: "
-                                            "Caltech-101's revolvers under --data)")
-    negatives: tuple[str, ...] = option((), "folders or URLs of images without it (comma-separated)")
-    manifest: str | None = option(None, "a CSV or Parquet of uri,label[,source] instead of --positives/--negatives")
     positive_class: str = option("revolver", "name of the class: on the model card and in the checkpoint names")
-    s3_endpoint: str | None = option(None, "S3 endpoint URL for s3:// data (default: $AWS_ENDPOINT_URL or AWS)")
     backbone: str = option("efficientnet-lite0", "staged backbone (ngt_ray.nets.backbone)",
                            choices=lambda: list(BACKBONES))
     design: str = option("feature", "merge design of the group model", choices=lambda: list(DESIGNS))
@@ -147,18 +140,6 @@ def _composite_metrics(composite: np.ndarray, negatives: np.ndarray, threshold: 
             "recall": float((composite >= threshold).mean())}
 
 
-def _labelled(cfg: TrainConfig) -> tuple[Callable[[str], list[LabelledImage]], dict[str, Any]]:
-    """The labelled splits to train on and their description for the cards."""
-    if cfg.manifest or cfg.positives or cfg.negatives:
-        labelled = (LabelledSet.from_manifest(cfg.manifest, cfg.s3_endpoint) if cfg.manifest
-                    else LabelledSet.from_folders(cfg.positives, cfg.negatives, cfg.s3_endpoint))
-        description = {"manifest": cfg.manifest} if cfg.manifest else {"positives": list(cfg.positives),
-                                                                       "negatives": list(cfg.negatives)}
-        return labelled.split, {**description, "splits": labelled.report()}
-    return (lambda split: caltech_split(cfg.photos, split)), {"caltech101": str(cfg.photos),
-                                                              "positive_class_folder": "revolver"}
-
-
 def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     """Train both models, calibrate them on ``val``, and write checkpoints under ``cfg.output``."""
     start = time.perf_counter()
@@ -170,8 +151,9 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     model = GroupTestingModel(backbone, (len(backbone),) if cascade else cfg.depths, cfg.design,
                               head=build_head(cfg.backbone, _head_spec(cfg)) if cascade else None).to(device).eval()
     native = backbone.spec.input_size
-    data, source = _labelled(cfg)
-    splits = {s: subsample_negatives(data(s), cfg.max_negatives, rng) for s in ("train", "val")}
+    photos = labelled_photos(cfg)
+    source: dict[str, Any] = {**photos.origin, "splits": photos.report()}
+    splits = {s: subsample_negatives(photos.split(s), cfg.max_negatives, rng) for s in ("train", "val")}
     # Composites: train learns from them; val's only say how small guns in scenes fare, since
     # thresholds are set on real photos.
     pasted, source["composites"] = {}, {}

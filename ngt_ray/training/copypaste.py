@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from ngt_ray.training.datasets import LabelledImage
-from ngt_ray.training.labelled import read_image_bytes
+from ngt_ray.training.labelled import LabelledImage, read_image_bytes
 
 __all__ = ["PasteOptions", "composites", "cut_out", "paste", "pasted_positives"]
 

@@ -19,8 +19,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from ngt_ray.nets.decode import decode_image
-from ngt_ray.training.datasets import LabelledImage
-from ngt_ray.training.labelled import read_image_bytes
+from ngt_ray.training.labelled import LabelledImage, read_image_bytes
 
 __all__ = ["degrade", "degraded_copies"]
 

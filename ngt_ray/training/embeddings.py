@@ -15,8 +15,7 @@ import torch
 from ngt_ray.nets.decode import decode_image
 from ngt_ray.nets.model import GroupTestingModel, gather
 from ngt_ray.nets.runtime import inference_context
-from ngt_ray.training.datasets import LabelledImage
-from ngt_ray.training.labelled import read_image_bytes
+from ngt_ray.training.labelled import LabelledImage, read_image_bytes
 
 __all__ = [
     "embed_images", "hard_negative_weights", "sample_groups", "score_cached_groups", "subsample_negatives",
