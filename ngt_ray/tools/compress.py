@@ -102,18 +102,56 @@ def _plain(table: dict) -> dict:
     return {str(size): asdict(row) for size, row in table.items()}
 
 
-def _row(step: str, model: GroupTestingModel, card: ModelCard, device: torch.device, batch: int,
-         verdict: Verdict | None, positives: int, seconds: float) -> dict[str, Any]:
-    profile = profile_screen(model, card.input_size, card.group_size, device, batch)
-    row: dict[str, Any] = {"step": step, **profile, "step_seconds": round(seconds, 1)}
-    if verdict is not None:
-        row.update(accepted=verdict.accepted, reason=verdict.reason, false_negatives=verdict.false_negatives,
-                   false_positives=verdict.false_positives, recall=1 - verdict.false_negatives / positives,
-                   auc=verdict.auc, reference_false_negatives=verdict.reference_false_negatives,
-                   reference_auc=verdict.reference_auc, fn_delta_interval=list(verdict.fn_delta_interval),
-                   auc_delta_interval=list(verdict.auc_delta_interval))
-    log.info("%s: %s", step, {k: v for k, v in row.items() if not isinstance(v, list)})
-    return row
+@dataclass
+class _Run:
+    """One compression run's fixed parts: the original (teacher) model, the cached embeddings it
+    fine-tunes and calibrates on, and the held-out judge."""
+
+    cfg: CompressConfig
+    device: torch.device
+    rng: np.random.Generator
+    teacher: GroupTestingModel
+    card: ModelCard
+    photos: str  # the labelled set's name, for the calibration record
+    embedded: torch.Tensor  # train photos, positives mirrored
+    labels: np.ndarray
+    weights: np.ndarray  # hard-negative sampling weights from the teacher's scores
+    val_embedded: torch.Tensor
+    val_labels: np.ndarray
+    holdout: Holdout
+    reference: tuple[np.ndarray, np.ndarray]  # the teacher's scores and passes on the judged groups
+    latency_batch: int
+
+    @property
+    def k(self) -> int:
+        return self.card.group_size
+
+    def assess(self, model: GroupTestingModel) -> Verdict:
+        scores, passed = self.holdout.run(model, self.device)
+        return judge(self.holdout.labels, self.reference[0], self.reference[1], scores, passed,
+                     np.random.default_rng(self.cfg.seed))
+
+    def tune(self, model: GroupTestingModel, steps: int) -> None:
+        """Distil from the teacher on groups of the cached train embeddings."""
+        finetune_groups(model, self.embedded, self.labels, self.weights,
+                        FinetuneConfig(self.k, steps, model.merge_at, self.cfg.groups_per_step, lr=3e-4,
+                                       pos_weight=self.cfg.pos_weight), self.rng, self.device, teacher=self.teacher)
+
+    def row(self, step: str, model: GroupTestingModel, verdict: Verdict | None, seconds: float,
+            card: ModelCard | None = None) -> dict[str, Any]:
+        """A report row: the model's size and latency, and the judge's verdict."""
+        card = card or self.card
+        profile = profile_screen(model, card.input_size, card.group_size, self.device, self.latency_batch)
+        row: dict[str, Any] = {"step": step, **profile, "step_seconds": round(seconds, 1)}
+        if verdict is not None:
+            row.update(accepted=verdict.accepted, reason=verdict.reason, false_negatives=verdict.false_negatives,
+                       false_positives=verdict.false_positives,
+                       recall=1 - verdict.false_negatives / int(self.holdout.labels.sum()),
+                       auc=verdict.auc, reference_false_negatives=verdict.reference_false_negatives,
+                       reference_auc=verdict.reference_auc, fn_delta_interval=list(verdict.fn_delta_interval),
+                       auc_delta_interval=list(verdict.auc_delta_interval))
+        log.info("%s: %s", step, {k: v for k, v in row.items() if not isinstance(v, list)})
+        return row
 
 
 def _taylor_gradients(model: GroupTestingModel, embedded: torch.Tensor, labels: np.ndarray, weights: np.ndarray,
@@ -131,10 +169,37 @@ def _taylor_gradients(model: GroupTestingModel, embedded: torch.Tensor, labels: 
 def compress(cfg: CompressConfig) -> dict[str, Any]:
     """Compress ``cfg.model``, write the accepted model to ``cfg.output`` and return the report."""
     start = time.perf_counter()
+    report_stem = _report_stem(cfg)
+    run = _prepare(cfg)
+    steps = [run.row("original", run.teacher, run.assess(run.teacher), 0.0)]
+    student = copy.deepcopy(run.teacher)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    student = _prune(run, student, steps)
+    student, identity = _linearise(run, student, steps)
+    card, folded = _save(run, student, steps, identity)
+    final = run.row("compressed (saved)", student, run.assess(student), 0.0, card)
+    report = {
+        "model": Path(cfg.model).name, "output": Path(cfg.output).name, "device": run.device.type,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "steps": steps, "final": final, "folded_batchnorms": folded, "calibration": _plain(card.calibration),
+        "original_calibration": _plain(run.card.calibration), "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_report(report, report_stem)
+    return report
+
+
+def _report_stem(cfg: CompressConfig) -> Path:
+    """Where the report goes: ``--report``, or beside the output; never over the checkpoint's card."""
     report_stem = Path(cfg.report or f"{Path(cfg.output).with_suffix('')}-report").with_suffix("")
     if report_stem == Path(cfg.output).with_suffix(""):
         raise ValueError(f"the report {report_stem}.json would overwrite the checkpoint's card; "
                          "choose another --report")
+    return report_stem
+
+
+def _prepare(cfg: CompressConfig) -> _Run:
+    """Load the original model and embed the labelled train and val photos once with it."""
     device = pick_device(cfg.device)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -143,9 +208,6 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         raise ValueError(f"{cfg.model} is an individual model; compress a screen (group) model")
     for p in teacher.parameters():
         p.requires_grad_(False)
-    latency_batch = cfg.latency_batch or (256 if device.type == "cuda" else 32)
-    k = card.group_size
-
     photos = labelled_photos(cfg)
     log.info("embedding train and val photos of %s at %d px", photos.name, card.input_size)
     train_items = subsample_negatives(photos.split("train"), cfg.max_negatives, rng)
@@ -156,65 +218,70 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     val_labels = np.array([label for _, label in val_items])
     val_embedded = embed_images(teacher, val_items, card.input_size, cfg.batch_size, device)
     holdout = Holdout(val_embedded, val_labels, cfg.acceptance_sizes, cfg.acceptance_groups, cfg.seed + 1,
-                       cfg.target_recall)
-    positives = int(holdout.labels.sum())
-    reference = holdout.run(teacher, device)
+                      cfg.target_recall)
+    return _Run(cfg=cfg, device=device, rng=rng, teacher=teacher, card=card, photos=photos.name, embedded=embedded,
+                labels=labels, weights=weights, val_embedded=val_embedded, val_labels=val_labels, holdout=holdout,
+                reference=holdout.run(teacher, device),
+                latency_batch=cfg.latency_batch or (256 if device.type == "cuda" else 32))
 
-    def assess(model: GroupTestingModel) -> Verdict:
-        scores, passed = holdout.run(model, device)
-        return judge(holdout.labels, reference[0], reference[1], scores, passed, np.random.default_rng(cfg.seed))
 
-    def tune(model: GroupTestingModel, steps: int) -> None:
-        finetune_groups(model, embedded, labels, weights,
-                        FinetuneConfig(k, steps, model.merge_at, cfg.groups_per_step, lr=3e-4,
-                                       pos_weight=cfg.pos_weight), rng, device, teacher=teacher)
+def _prune(run: _Run, student: GroupTestingModel, steps: list[dict[str, Any]]) -> GroupTestingModel:
+    """Remove channels of the shared stages step by step, each fine-tuned and judged; the first
+    rejected step is undone and ends the phase. Appends a report row per step."""
+    cfg = run.cfg
+    if not cfg.prune_steps or cfg.prune_ratio <= 0:
+        return student
+    pruner = channel_pruner(student, gather(run.embedded, [[0, 1]], run.device), cfg.prune_ratio, cfg.prune_steps,
+                            global_ranking=cfg.global_ranking)
+    for i in range(cfg.prune_steps):
+        t0, previous = time.perf_counter(), copy.deepcopy(student)
+        _taylor_gradients(student, run.embedded, run.labels, run.weights, run.k, cfg.groups_per_step,
+                          cfg.pos_weight, run.rng, run.device)
+        pruner.step()
+        student.zero_grad(set_to_none=True)
+        run.tune(student, cfg.finetune_steps)
+        verdict = run.assess(student)
+        steps.append(run.row(f"prune {i + 1}/{cfg.prune_steps}", student, verdict, time.perf_counter() - t0))
+        if not verdict.accepted:
+            return previous
+    return student
 
-    steps = [_row("original", teacher, card, device, latency_batch, assess(teacher), positives, 0.0)]
-    student = copy.deepcopy(teacher)
-    for p in student.parameters():
-        p.requires_grad_(True)
 
-    if cfg.prune_steps and cfg.prune_ratio > 0:
-        pruner = channel_pruner(student, gather(embedded, [[0, 1]], device), cfg.prune_ratio, cfg.prune_steps,
-                                global_ranking=cfg.global_ranking)
-        for i in range(cfg.prune_steps):
-            t0, previous = time.perf_counter(), copy.deepcopy(student)
-            _taylor_gradients(student, embedded, labels, weights, k, cfg.groups_per_step, cfg.pos_weight, rng, device)
-            pruner.step()
-            student.zero_grad(set_to_none=True)
-            tune(student, cfg.finetune_steps)
-            verdict = assess(student)
-            steps.append(_row(f"prune {i + 1}/{cfg.prune_steps}", student, card, device, latency_batch, verdict,
-                              positives, time.perf_counter() - t0))
-            if not verdict.accepted:
-                student = previous
-                break
-
+def _linearise(run: _Run, student: GroupTestingModel,
+               steps: list[dict[str, Any]]) -> tuple[GroupTestingModel, list[str]]:
+    """EASIER: replace the activation of lowest entropy by the identity, fine-tune and judge, up to
+    ``easier_steps`` times; the first rejected step is undone and ends the phase. Returns the
+    model and the activations it linearised."""
     identity: list[str] = []
-    for _ in range(cfg.easier_steps):
+    for _ in range(run.cfg.easier_steps):
         t0 = time.perf_counter()
-        groups = sample_groups(labels, k, 256, rng, negative_weights=weights)
-        entropy = activation_entropy(student, embedded, labels, groups, device)
+        groups = sample_groups(run.labels, run.k, 256, run.rng, negative_weights=run.weights)
+        entropy = activation_entropy(student, run.embedded, run.labels, groups, run.device)
         if not entropy:
             break
         name = min(entropy, key=lambda n: entropy[n]["score"])
         previous = copy.deepcopy(student)
         linearise(student, [name])
-        tune(student, max(1, cfg.finetune_steps // 2))
-        verdict = assess(student)
-        row = _row(f"linearise {name}", student, card, device, latency_batch, verdict, positives,
-                   time.perf_counter() - t0)
+        run.tune(student, max(1, run.cfg.finetune_steps // 2))
+        verdict = run.assess(student)
+        row = run.row(f"linearise {name}", student, verdict, time.perf_counter() - t0)
         row["entropy_bits"] = entropy[name]
         steps.append(row)
         if not verdict.accepted:
-            student = previous
-            break
+            return previous, identity
         identity.append(name)
+    return student, identity
 
+
+def _save(run: _Run, student: GroupTestingModel, steps: list[dict[str, Any]],
+          identity: list[str]) -> tuple[ModelCard, int]:
+    """Check the batch-norm folds are exact, re-calibrate every group size on val and write the
+    checkpoint. Returns its card and the number of folded batch norms."""
+    cfg, card = run.cfg, run.card
     student.eval()
     macs = [s["macs_per_image"] for s in steps]
     shared_keys = student.shared_state_keys()
-    example = torch.randint(0, 256, (2, 3, card.input_size, card.input_size), dtype=torch.uint8, device=device)
+    example = torch.randint(0, 256, (2, 3, card.input_size, card.input_size), dtype=torch.uint8, device=run.device)
     _, folded = fold_batchnorm(student, example)  # raises if not exact
     compressed = replace(
         card,
@@ -225,18 +292,10 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
                      "shared_params": steps[-1]["shared_params"], "original_shared_params": steps[0]["shared_params"],
                      "target_recall": cfg.target_recall},
     )
-    val_cal = calibrate_sizes(student, compressed, val_embedded, val_labels, cfg.calibration_sizes,
-                              cfg.target_recall, cfg.val_groups, cfg.seed, device, split=f"{photos.name} val")
-    save_checkpoint(student, val_cal, cfg.output, shared_keys)
-    final = _row("compressed (saved)", student, val_cal, device, latency_batch, assess(student), positives, 0.0)
-    report = {
-        "model": Path(cfg.model).name, "output": Path(cfg.output).name, "device": device.type,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "steps": steps, "final": final, "folded_batchnorms": folded, "calibration": _plain(val_cal.calibration),
-        "original_calibration": _plain(card.calibration), "seconds": round(time.perf_counter() - start, 1),
-    }
-    write_report(report, report_stem)
-    return report
+    calibrated = calibrate_sizes(student, compressed, run.val_embedded, run.val_labels, cfg.calibration_sizes,
+                                 cfg.target_recall, cfg.val_groups, cfg.seed, run.device, split=f"{run.photos} val")
+    save_checkpoint(student, calibrated, cfg.output, shared_keys)
+    return calibrated, folded
 
 
 def write_report(report: dict[str, Any], stem: Path) -> None:
