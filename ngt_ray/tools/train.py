@@ -57,7 +57,6 @@ __all__ = ["TrainConfig", "train"]
 
 # Where each design merges by default (stage indices of EfficientNet-Lite0's 18 stages).
 
-
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(FittingOptions):
     """One training run of the individual and group models."""
@@ -105,7 +104,6 @@ class TrainConfig(FittingOptions):
         return self.train_from if self.train_from is not None else (self.depths[0] or 4)
 
 
-
 def _logits(head: nn.Module, features: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return head(features.to(next(head.parameters()).device)).squeeze(1).float().cpu().numpy()
@@ -140,17 +138,69 @@ def _composite_metrics(composite: np.ndarray, negatives: np.ndarray, threshold: 
             "recall": float((composite >= threshold).mean())}
 
 
+@dataclass
+class _TrainingSet:
+    """The photos one run fits on: real train and val photos (negatives subsampled), copy-paste
+    composites, degraded copies of train photos, the labels of what the individual model embeds
+    per split (train: real photos, composites, degraded copies), and their description for the cards."""
+
+    splits: dict[str, list[LabelledImage]]
+    pasted: dict[str, list[LabelledImage]]
+    degraded: list[LabelledImage]
+    labels: dict[str, np.ndarray]
+    source: dict[str, Any]
+
+
+@dataclass
+class _Individual:
+    """The trained individual model, its card, its pooled features per split and the val composites
+    it flags (the screen must pass them too)."""
+
+    model: GroupTestingModel
+    card: ModelCard
+    features: dict[str, torch.Tensor]
+    caught: list[LabelledImage]
+
+    def scores(self, split: str) -> np.ndarray:
+        return _scores(self.model.head, self.features[split])
+
+    def logits(self, split: str) -> np.ndarray:
+        return _logits(self.model.head, self.features[split])
+
+
 def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     """Train both models, calibrate them on ``val``, and write checkpoints under ``cfg.output``."""
     start = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
+    screen = _screen_model(cfg, device)  # first: its head is initialised first from the seeded generator
+    native = screen.backbone.spec.input_size
+    data = _training_set(cfg, native, rng)
+    individual = _train_individual(cfg, data, native, device)
+    if cfg.individual:
+        save_checkpoint(individual.model, individual.card, cfg.output / model_stem(individual.card),
+                        [k for k in individual.model.state_dict() if k.startswith("head.")])
+    log.info("individual: %s", individual.card.validation)
+    cards = {"individual": individual.card}
+    if cfg.screen:
+        cards["group"] = _train_screen(cfg, screen, data, individual, rng, device)
+    log.info("trained in %.0f s", time.perf_counter() - start)
+    return cards
+
+
+def _screen_model(cfg: TrainConfig, device: torch.device) -> GroupTestingModel:
+    """The group model to train: merges at ``cfg.depths``, or the cascade (no merge: every stage
+    per image, a head like the individual's)."""
     backbone = build_backbone(cfg.backbone)
-    cascade = cfg.design == "cascade"  # no merge: every stage per image, a head like the individual's
-    model = GroupTestingModel(backbone, (len(backbone),) if cascade else cfg.depths, cfg.design,
-                              head=build_head(cfg.backbone, _head_spec(cfg)) if cascade else None).to(device).eval()
-    native = backbone.spec.input_size
+    if cfg.design == "cascade":
+        return GroupTestingModel(backbone, (len(backbone),), cfg.design,
+                                 head=build_head(cfg.backbone, _head_spec(cfg))).to(device).eval()
+    return GroupTestingModel(backbone, cfg.depths, cfg.design).to(device).eval()
+
+
+def _training_set(cfg: TrainConfig, native: int, rng: np.random.Generator) -> _TrainingSet:
+    """The labelled train and val photos, with the composites and degraded copies made from them."""
     photos = labelled_photos(cfg)
     source: dict[str, Any] = {**photos.origin, "splits": photos.report()}
     splits = {s: subsample_negatives(photos.split(s), cfg.max_negatives, rng) for s in ("train", "val")}
@@ -160,77 +210,87 @@ def train(cfg: TrainConfig) -> dict[str, ModelCard]:
     for split, n in (("train", cfg.paste), ("val", cfg.paste // 3)):
         pasted[split], source["composites"][split] = pasted_positives(splits[split], n, rng) if n else ([], {})
     labels = {s: np.array([lab for _, lab in items]) for s, items in splits.items()}
-    labels["train"] = np.concatenate([labels["train"], np.ones(len(pasted["train"]), dtype=int)])
     # Degraded copies (dark, blurred, compressed) teach the individual model that such a look is no gun.
     degraded = degraded_copies(splits["train"], cfg.degrade, native, rng) if cfg.degrade else []
-    labels["train"] = np.concatenate([labels["train"], np.array([y for _, y in degraded], dtype=int)])
+    labels["train"] = np.concatenate([labels["train"], np.ones(len(pasted["train"]), dtype=int),
+                                      np.array([y for _, y in degraded], dtype=int)])
     source["degraded_copies"] = {"fraction": cfg.degrade, "train": len(degraded)}
-    cards = {}
+    return _TrainingSet(splits, pasted, degraded, labels, source)
 
-    # Individual model: frozen backbone at native resolution, a logistic-regression head. Its
-    # training-set scores also say which negatives are hard for the group model.
+
+def _train_individual(cfg: TrainConfig, data: _TrainingSet, native: int, device: torch.device) -> _Individual:
+    """The individual model: frozen backbone at native resolution, a logistic-regression head,
+    its threshold set on val. Its training-set scores also say which negatives are hard for the
+    group model."""
     individual = GroupTestingModel(build_backbone(cfg.backbone), 4,
                                    head=build_head(cfg.backbone, _head_spec(cfg))).to(device).eval()
-    single = {}
-    for split, items in splits.items():
-        items = items + pasted["train"] + degraded if split == "train" else items
-        log.info("individual, %s: %d images (%d positive)", split, len(items), labels[split].sum())
-        embedded = embed_images(individual, items, native, cfg.batch_size, device)
-        single[split] = score_cached_groups(individual, embedded, [[i] for i in range(len(items))], device,
-                                            features=True)
-    head = individual.head
-    fitted = fit_head(head, (single["train"], labels["train"]), (single["val"], labels["val"]),
-                      epochs=cfg.epochs, seed=cfg.seed)
-    cards["individual"] = _individual_card(cfg, native, _scores(head, single["val"]), labels["val"], source)
-    cards["individual"].training["head_fit"] = fitted
-    caught: list[LabelledImage] = []  # val composites the individual model flags: the screen must pass them too
-    if pasted["val"]:
-        embedded = embed_images(individual, pasted["val"], native, cfg.batch_size, device)
-        composite = _scores(head, score_cached_groups(individual, embedded, [[i] for i in range(len(embedded))],
-                                                      device, features=True))
-        cards["individual"].validation["composites"] = _composite_metrics(
-            composite, _scores(head, single["val"])[labels["val"] == 0], cards["individual"].threshold)
-        caught = [item for item, score in zip(pasted["val"], composite) if score >= cards["individual"].threshold]
-    if cfg.individual:
-        save_checkpoint(individual, cards["individual"], cfg.output / model_stem(cards["individual"]),
-                        [k for k in individual.state_dict() if k.startswith("head.")])
-    log.info("individual: %s", cards["individual"].validation)
-    if not cfg.screen:
-        log.info("trained in %.0f s", time.perf_counter() - start)
-        return cards
+    features = {}
+    for split, items in data.splits.items():
+        items = items + data.pasted["train"] + data.degraded if split == "train" else items
+        log.info("individual, %s: %d images (%d positive)", split, len(items), data.labels[split].sum())
+        features[split] = _pooled(individual, items, native, cfg.batch_size, device)
+    fitted = fit_head(individual.head, (features["train"], data.labels["train"]),
+                      (features["val"], data.labels["val"]), epochs=cfg.epochs, seed=cfg.seed)
+    trained = _Individual(individual, _individual_card(cfg, native, _scores(individual.head, features["val"]),
+                                                       data.labels["val"], data.source), features, [])
+    trained.card.training["head_fit"] = fitted
+    if data.pasted["val"]:
+        composite = _scores(individual.head, _pooled(individual, data.pasted["val"], native, cfg.batch_size, device))
+        trained.card.validation["composites"] = _composite_metrics(
+            composite, trained.scores("val")[data.labels["val"] == 0], trained.card.threshold)
+        trained.caught = [item for item, score in zip(data.pasted["val"], composite)
+                          if score >= trained.card.threshold]
+    return trained
 
-    size = cfg.screen_size
-    # Screens are calibrated on the real val positives the individual model flags: held to losing
-    # none of what the confirmation would find, not what it would miss anyway. Composites are
-    # reported beside them (``validation["composites"]``), never set a threshold.
-    flagged = _scores(head, single["val"]) >= cards["individual"].threshold
-    kept = np.flatnonzero((labels["val"] == 0) | flagged)
-    val_labels = labels["val"][kept]
-    if cascade:  # its val features are its embeddings: the calibration reuses them
-        card, val_features = _cascade(cfg, model, splits["train"] + degraded, splits["val"], source, device)
-        first, embedded_val = len(backbone), val_features[kept]
+
+def _pooled(model: GroupTestingModel, items: list[LabelledImage], size: int, batch: int,
+            device: torch.device) -> torch.Tensor:
+    """The pooled features of each photo alone."""
+    embedded = embed_images(model, items, size, batch, device)
+    return score_cached_groups(model, embedded, [[i] for i in range(len(embedded))], device, features=True)
+
+
+def _train_screen(cfg: TrainConfig, model: GroupTestingModel, data: _TrainingSet, individual: _Individual,
+                  rng: np.random.Generator, device: torch.device) -> ModelCard:
+    """Fit the group model, calibrate it per size on val and write it.
+
+    Screens are calibrated on the real val positives the individual model flags: held to losing
+    none of what the confirmation would find, not what it would miss anyway. Composites are
+    reported beside them (``validation["composites"]``), never set a threshold."""
+    flagged = individual.scores("val") >= individual.card.threshold
+    kept = np.flatnonzero((data.labels["val"] == 0) | flagged)
+    if cfg.design == "cascade":  # its val features are its embeddings: the calibration reuses them
+        card, val_features = _cascade(cfg, model, data.splits["train"] + data.degraded, data.splits["val"],
+                                      data.source, device)
+        first, embedded_val = len(model.backbone), val_features[kept]
     else:
-        card = _fine_tuned_screen(cfg, model, splits, pasted, labels, single, head, cards["individual"].threshold,
-                                  source, rng, device)
+        card = _fine_tuned_screen(cfg, model, data, individual, rng, device)
         first = cfg.first_trained
-        embedded_val = embed_images(model, [splits["val"][i] for i in kept], size, cfg.batch_size, device)
+        embedded_val = embed_images(model, [data.splits["val"][i] for i in kept], cfg.screen_size, cfg.batch_size,
+                                    device)
+    card = _calibrated_screen(cfg, model, card, embedded_val, data.labels["val"][kept], individual.caught, device)
+    save_checkpoint(model, card, cfg.output / model_stem(card), model.shared_state_keys(first))
+    log.info("group model: %s", card.validation)
+    return card
+
+
+def _calibrated_screen(cfg: TrainConfig, model: GroupTestingModel, card: ModelCard, embedded_val: torch.Tensor,
+                       val_labels: np.ndarray, caught: list[LabelledImage], device: torch.device) -> ModelCard:
+    """``card`` with a threshold per calibrated size, and how the val composites the individual
+    model flags fare at them."""
     card.training["calibration_positives"] = {"real": int(val_labels.sum()), "composites": len(caught)}
-    cards["group"] = calibrate_sizes(model, card, embedded_val, val_labels, cfg.calibration_sizes,
-                                     cfg.target_recall, cfg.val_groups, cfg.seed, device, split="val")
+    card = calibrate_sizes(model, card, embedded_val, val_labels, cfg.calibration_sizes, cfg.target_recall,
+                           cfg.val_groups, cfg.seed, device, split="val")
     if caught:
-        embedded_caught = embed_images(model, caught, size, cfg.batch_size, device)
-        cards["group"].validation["composites"] = composite_rows(
+        embedded_caught = embed_images(model, caught, cfg.screen_size, cfg.batch_size, device)
+        card.validation["composites"] = composite_rows(
             model, torch.cat([embedded_val, embedded_caught]),
-            np.concatenate([np.where(val_labels == 1, -1, 0), np.ones(len(caught), dtype=int)]), cards["group"],
-            cfg.seed, device)
-    save_checkpoint(model, cards["group"], cfg.output / model_stem(cards["group"]), model.shared_state_keys(first))
-    log.info("group model: %s", cards["group"].validation)
-    log.info("trained in %.0f s", time.perf_counter() - start)
-    return cards
+            np.concatenate([np.where(val_labels == 1, -1, 0), np.ones(len(caught), dtype=int)]), card, cfg.seed,
+            device)
+    return card
 
 
-def _fine_tuned_screen(cfg: TrainConfig, model: GroupTestingModel, splits: dict, pasted: dict, labels: dict,
-                       single: dict, head: nn.Module, cards_threshold: float, source: dict[str, Any],
+def _fine_tuned_screen(cfg: TrainConfig, model: GroupTestingModel, data: _TrainingSet, individual: _Individual,
                        rng: np.random.Generator, device: torch.device) -> ModelCard:
     """A merge-design screen: stages from ``first_trained`` fine-tuned on merged groups at the screening size."""
     size = cfg.screen_size
@@ -238,18 +298,19 @@ def _fine_tuned_screen(cfg: TrainConfig, model: GroupTestingModel, splits: dict,
     # Composites train the screen only when asked: at the screening size and an early merge a small
     # pasted gun is a weak signal, and on the firearm set they kept the CPU-sized fine-tuning from
     # learning anything (loss at chance after 200 steps; real photos alone: group AUC 0.90 at k = 1).
-    screen_train = splits["train"] + (pasted["train"] if cfg.paste_screen else [])
+    screen_train = data.splits["train"] + (data.pasted["train"] if cfg.paste_screen else [])
     embedded, train_labels, mirrored = training_embeddings(model, screen_train, size, cfg.batch_size, device)
     weights = hard_negative_weights(
-        np.concatenate([_scores(head, single["train"])[: len(screen_train)], np.ones(mirrored)]), train_labels,
+        np.concatenate([individual.scores("train")[: len(screen_train)], np.ones(mirrored)]), train_labels,
         cfg.hard_negative_fraction)
     # Frozen ImageNet features do not survive a max over eight images (validation AUC 0.65 with
     # only the head trained): the late stages must adapt to merged inputs.
     member_logits = None
     if cfg.distill:  # the individual model's logit per embedded image (a mirrored copy takes its original's)
-        logits = _logits(head, single["train"])[: len(screen_train)]
-        member_logits = np.concatenate([logits, logits[labels["train"][: len(screen_train)] == 1]])
-    centre = float(np.log(cards_threshold / (1 - cards_threshold)))  # the individual's decision logit
+        logits = individual.logits("train")[: len(screen_train)]
+        member_logits = np.concatenate([logits, logits[data.labels["train"][: len(screen_train)] == 1]])
+    threshold = individual.card.threshold
+    centre = float(np.log(threshold / (1 - threshold)))  # the individual's decision logit
     losses = finetune_groups(model, embedded, train_labels, weights,
                              FinetuneConfig(cfg.group_size, cfg.steps, cfg.first_trained, cfg.groups_per_step,
                                             distill_weight=cfg.distill, distill_centre=centre,
@@ -262,7 +323,7 @@ def _fine_tuned_screen(cfg: TrainConfig, model: GroupTestingModel, splits: dict,
         trained_modules=["head", f"backbone.stages[{first}:]"],
         validation={"unit": f"group of {cfg.group_size}"},
         positive_class=cfg.positive_class,
-        training={"split": "train", "data": source, "max_negatives": cfg.max_negatives, "seed": cfg.seed,
+        training={"split": "train", "data": data.source, "max_negatives": cfg.max_negatives, "seed": cfg.seed,
                   "steps": cfg.steps, "groups_per_step": cfg.groups_per_step, "positive_group_fraction": 0.5,
                   "hard_negative_fraction": cfg.hard_negative_fraction, "mirrored_positives": mirrored,
                   "final_loss": float(np.mean(losses[-100:])), "frozen": f"backbone.stages[:{first}]",
