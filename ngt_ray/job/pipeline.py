@@ -132,6 +132,19 @@ def _actor_start_timeout(seconds: float) -> Iterator[None]:
         ctx.wait_for_min_actors_s = before
 
 
+def _wait_for_released(resources: dict[str, float], timeout: float = 10.0) -> None:
+    """A finished task's resources return to the pool a moment after its result does: wait (a few
+    seconds at most) until what the timing task held is free again, so the stream does not start on
+    a cluster that looks full (Ray Data then warns that the job will hang)."""
+    want = {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0)}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        free = ray.available_resources()
+        if all(free.get(name, 0.0) >= amount for name, amount in want.items()):
+            return
+        time.sleep(0.05)
+
+
 def init_ray(address: str | None = None) -> None:
     """Connect to ``address`` (or ``$RAY_ADDRESS``), or start a local Ray. A local Ray keeps Ray's
     default, token authentication; the warning Ray logs to say it chose that default (a notice, not
@@ -165,6 +178,7 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     out = RunOutput.open(cfg.output, run_config(cfg), cfg.s3_endpoint, overwrite=cfg.overwrite)
     if cfg.measure_time:
         p = p.with_seconds(ray.get(ray.remote(_measure_seconds).options(**p.placement.resources).remote(p)))
+        _wait_for_released(p.placement.resources)
     ledger = start_ledger()
     try:
         p = p.with_ledger(ledger)
