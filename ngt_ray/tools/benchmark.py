@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,15 +36,13 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-import ray.data
 import torch
 from PIL import Image
 
 from ngt_ray.grouptesting.buckets import plant
 from ngt_ray.job.phases import OPERATOR_STAGES, operator_cpu_seconds
-from ngt_ray.job.pipeline import ModerationConfig, actor_placement, run_moderation
 from ngt_ray.job.placement import cluster_nodes
-from ngt_ray.job.plan import DECODERS, OnCluster
+from ngt_ray.job.plan import DECODERS, ModerationConfig, OnCluster, actor_placement
 from ngt_ray.job.stages import ModelActor
 from ngt_ray.nets.checkpoint import get_model, load_checkpoint, read_card
 from ngt_ray.nets.runtime import RUNTIMES, inference_context
@@ -135,6 +134,8 @@ class _PlainClassifier(ModelActor):
 
 def _plain(bucket: str, out: Path, cfg: BenchmarkConfig, on_gpu: bool) -> dict[str, float]:
     """(a), with the resources ngt-ray gives its model actors in (b), so only the input path differs."""
+    import ray.data  # here: importing Ray Data costs every other verb a second
+
     size = load_checkpoint(get_model(cfg.individual_model))[1].input_size
     placement = actor_placement(cluster_nodes(), "cuda" if on_gpu else "cpu",
                                 actors_per_gpu=cfg.actors_per_gpu)
@@ -197,17 +198,45 @@ def stage_cpu_us(run: dict[str, Any], n_images: int) -> dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class _Cluster:
+    """What the runs reserve: the cluster's CPUs and GPUs, and the device the JSON is named after."""
+
+    on_gpu: bool
+    cpus: float
+    gpus: float
+    device_name: str
+
+    @classmethod
+    def of(cls, cfg: BenchmarkConfig) -> _Cluster:
+        resources = ray.cluster_resources()
+        on_gpu = resources.get("GPU", 0) > 0 and cfg.device != "cpu"
+        name = (torch.cuda.get_device_name(0).replace(" ", "-").lower() if on_gpu and torch.cuda.is_available()
+                else f"cpu-{int(resources.get('CPU', 1))}-cores")
+        return cls(on_gpu, resources.get("CPU", 0), resources.get("GPU", 0) if on_gpu else 0,
+                   name + ("-stub-models" if cfg.stub_models else ""))
+
+
 def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
-    """Run (a), (b) and (c) on one bucket; write ``<output>/<device>.json`` and the markdown table."""
+    """Run (a), (b), (c) and (d) on one bucket; write ``<output>/<device>.json`` and the markdown table."""
     if not ray.is_initialized():
         ray.init()
-    resources = ray.cluster_resources()
-    on_gpu = resources.get("GPU", 0) > 0 and cfg.device != "cpu"
-    device_name = torch.cuda.get_device_name(0).replace(" ", "-").lower() if on_gpu and torch.cuda.is_available() \
-        else f"cpu-{int(resources.get('CPU', 1))}-cores"
-    if cfg.stub_models:
-        device_name += "-stub-models"
+    cluster = _Cluster.of(cfg)
     workdir = cfg.workdir or Path(tempfile.mkdtemp(prefix="ngt-ray-benchmark-"))
+    bucket, positives, n_images = _bucket(cfg, workdir)
+    runs = {name: _timed(name, pipeline, n_images, cluster)
+            for name, pipeline in _pipelines(cfg, bucket, workdir, cluster.on_gpu).items()}
+    result = _result(cfg, cluster, runs, workdir, n_images, positives)
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    (cfg.output / f"{cluster.device_name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(cfg.output, cfg.markdown)
+    print(_table(result))
+    return result
+
+
+def _bucket(cfg: BenchmarkConfig, workdir: Path) -> tuple[str, set[str], int]:
+    """The bucket every run reads (``--input``, or JPEGs made from held-out photos), the names of
+    its planted positives (none known for ``--input``) and its size."""
     positives: set[str] = set()
     if cfg.input:
         bucket = cfg.input
@@ -217,19 +246,13 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         bucket = str(root)
     n_images = sum(1 for _ in Path(bucket).glob("*.jpg")) if not bucket.startswith(("s3://", "gs://")) \
         else cfg.n_images
-    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0) if on_gpu else 0
-    runs: dict[str, dict[str, Any]] = {}
+    return bucket, positives, n_images
 
-    def timed(name: str, fn) -> None:
-        start = time.perf_counter()
-        with _GpuSampler() as gpu:
-            stats = fn()
-        wall = time.perf_counter() - start
-        runs[name] = {"wall_seconds": wall, "images_per_s": n_images / wall,
-                      "cpu_core_seconds_per_million": wall * cpus / n_images * 1e6,
-                      "gpu_seconds_per_million": wall * gpus / n_images * 1e6, "gpu_utilisation": gpu.mean,
-                      **(stats or {})}
-        log.info("%s: %.1f images/s", name, n_images / wall)
+
+def _pipelines(cfg: BenchmarkConfig, bucket: str, workdir: Path,
+               on_gpu: bool) -> dict[str, Callable[[], dict[str, Any]]]:
+    """Each run by name, in the order they run: each returns its stats."""
+    from ngt_ray.job.pipeline import run_moderation
 
     common = {"ray_address": cfg.ray_address, "device": "cuda" if on_gpu else "cpu", "runtime": cfg.runtime,
               "decode": cfg.decode, "measure_time": False, "seed": cfg.seed, "stub_models": cfg.stub_models,
@@ -242,31 +265,49 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         nothing: they screen at the screen's trained size."""
         return str(read_card(get_model(screen)).group_size) if cfg.stub_models else "auto"
 
-    timed("plain", lambda: _plain(bucket, workdir / "plain", cfg, on_gpu))
-    timed("individual", lambda: _compact(run_moderation(ModerationConfig(
-        input=bucket, output=str(workdir / "individual"), group_size="none", **common))))
-    timed("ngt", lambda: _compact(run_moderation(ModerationConfig(
-        input=bucket, output=str(workdir / "ngt"),
-        # on a GPU, --group-size auto chooses k from seconds measured there (MACs mislead it)
-        group_size=group_size(cfg.model), **{**common, "measure_time": on_gpu}))))
+    def moderate(output: str, **options: Any) -> Callable[[], dict[str, Any]]:
+        return lambda: _compact(run_moderation(ModerationConfig(
+            input=bucket, output=str(workdir / output), **{**common, **options})))
 
+    # on a GPU, --group-size auto chooses k from seconds measured there (MACs mislead it)
+    pipelines = {
+        "plain": lambda: _plain(bucket, workdir / "plain", cfg, on_gpu),
+        "individual": moderate("individual", group_size="none"),
+        "ngt": moderate("ngt", group_size=group_size(cfg.model), measure_time=on_gpu),
+    }
     if cfg.cascade_model:
-        timed("cascade", lambda: _compact(run_moderation(ModerationConfig(
-            input=bucket, output=str(workdir / "cascade"),
-            group_size=group_size(cfg.cascade_model),
-            **{**common, "measure_time": on_gpu, "model": str(get_model(cfg.cascade_model)),
-               "individual_model": None}))))
+        pipelines["cascade"] = moderate("cascade", group_size=group_size(cfg.cascade_model), measure_time=on_gpu,
+                                        model=str(get_model(cfg.cascade_model)), individual_model=None)
     if cfg.compare_decode:
-        timed("ngt_cpu_decode", lambda: _compact(run_moderation(ModerationConfig(
-            input=bucket, output=str(workdir / "ngt-cpu-decode"), **{**common, "measure_time": on_gpu,
-                                                                          "decode": "cpu"}))))
+        pipelines["ngt_cpu_decode"] = moderate("ngt-cpu-decode", measure_time=on_gpu, decode="cpu")
+    return pipelines
+
+
+def _timed(name: str, pipeline: Callable[[], dict[str, Any] | None], n_images: int,
+           cluster: _Cluster) -> dict[str, Any]:
+    """One run's wall time, throughput, reserved core- and GPU-seconds and GPU busy, beside its stats."""
+    start = time.perf_counter()
+    with _GpuSampler() as gpu:
+        stats = pipeline()
+    wall = time.perf_counter() - start
+    log.info("%s: %.1f images/s", name, n_images / wall)
+    return {"wall_seconds": wall, "images_per_s": n_images / wall,
+            "cpu_core_seconds_per_million": wall * cluster.cpus / n_images * 1e6,
+            "gpu_seconds_per_million": wall * cluster.gpus / n_images * 1e6, "gpu_utilisation": gpu.mean,
+            **(stats or {})}
+
+
+def _result(cfg: BenchmarkConfig, cluster: _Cluster, runs: dict[str, dict[str, Any]], workdir: Path,
+            n_images: int, positives: set[str]) -> dict[str, Any]:
+    """The benchmark's JSON: throughput ratios to the plain recipe, how the runs' flags agree and
+    which planted positives each found, and (c)'s CPU cost per image by stage."""
     plain = _flags(workdir / "plain")
     individual, ngt = (_flags(workdir / name / "flags") for name in ("individual", "ngt"))
     agree = sum(plain[name] == individual.get(name) for name in plain)
     stages = stage_cpu_us(runs["ngt"], n_images)
     without_decode = sum(v for k, v in stages.items() if k != "decode")
-    result = {
-        "device": device_name, "n_images": n_images, "prevalence": cfg.prevalence,
+    return {
+        "device": cluster.device_name, "n_images": n_images, "prevalence": cfg.prevalence,
         "image_size": f"{cfg.width}x{cfg.height}" if not cfg.input else "as given",
         "stub_models": cfg.stub_models,
         "plain_images_per_s": runs["plain"]["images_per_s"],
@@ -284,14 +325,9 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         "planted_found_by_plain_missed_by_ngt": sorted(p for p in positives if plain.get(p) and not ngt.get(p)),
         "cpu_us_per_image": {**stages, "total": sum(stages.values()), "total_without_decode": without_decode},
         "cpu_us_budget": BUDGET_US,
-        "runs": runs, "cluster": {"cpus": cpus, "gpus": gpus},
+        "runs": runs, "cluster": {"cpus": cluster.cpus, "gpus": cluster.gpus},
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     }
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    (cfg.output / f"{device_name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(cfg.output, cfg.markdown)
-    print(_table(result))
-    return result
 
 
 _COMPACT = ("images", "errors", "flagged", "compute_saving", "time_saving", "decode", "runtime", "mean_group_size",
