@@ -55,8 +55,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "train"]
 
-# Where each design merges by default (stage indices of EfficientNet-Lite0's 18 stages).
-
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(FittingOptions):
     """One training run of the individual and group models."""

@@ -10,7 +10,7 @@ previous step stops small losses from adding up over many steps.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,9 +31,6 @@ class Verdict:
     reference_auc: float
     fn_delta_interval: tuple[float, float]  # bootstrap interval of FN(compressed) - FN(original)
     auc_delta_interval: tuple[float, float]  # bootstrap interval of AUC(compressed) - AUC(original)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def judge(labels: np.ndarray, reference_scores: np.ndarray, reference_passed: np.ndarray, scores: np.ndarray,
