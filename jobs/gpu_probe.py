@@ -1,9 +1,7 @@
 """What one model call costs on this GPU as the actors make it: the first call of a batch shape, a
-repeat, and a new shape, under the runtime levers and their variants. Prints one table.
-
-On an H200 (torch 2.11, cuDNN 9), before depthwise convolutions were taken off cuDNN, a batch
-shape the process had not seen cost ~1.9 s of CPU and a repeat 4.6 ms (37 images) to 28 ms
-(512). Each variant meets shapes no earlier variant met, so its first-call column is its own.
+repeat, and a new shape, under the runtime levers and their variants (cuDNN or PyTorch's own
+depthwise kernel: ``ngt_ray.nets.runtime.NativeDepthwise`` says why). Prints one table. Each
+variant meets shapes no earlier variant met, so its first-call column is its own.
 
     python jobs/gpu_probe.py     # part of jobs/gpu_check.sh
 """

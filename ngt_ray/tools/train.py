@@ -85,8 +85,8 @@ class TrainConfig(FittingOptions):
                                                    "model's head keeps as a prior (ngt_ray.nets.heads; firearms: "
                                                    "413,763,764); default: a plain linear head")
     screen: bool = option(True, "also train and calibrate the group (screen) model")
-    # Off by default: with both on, 900 CPU steps of the firearm tree screen collapsed to a constant
-    # output (AUC 0.50 at every size; docs/firearm/README.md).
+    # Off by default: with both on, the firearm tree screen's CPU-sized fine-tuning collapsed to a
+    # constant output (docs/firearm/README.md).
     mixed_sizes: tuple[int, ...] = option((), "group sizes drawn in every fine-tuning step, e.g. 1,2,4,8,16 "
                                               "(default: --group-size alone)")
     freeze_batch_norm: bool = option(False, "keep the ImageNet batch-norm statistics of the fine-tuned stages")
@@ -295,14 +295,14 @@ def _fine_tuned_screen(cfg: TrainConfig, model: GroupTestingModel, data: _Traini
     log.info("group model (%s merge at %s): embeddings of train and val at %d px", cfg.design, cfg.depths, size)
     # Composites train the screen only when asked: at the screening size and an early merge a small
     # pasted gun is a weak signal, and on the firearm set they kept the CPU-sized fine-tuning from
-    # learning anything (loss at chance after 200 steps; real photos alone: group AUC 0.90 at k = 1).
+    # learning anything.
     screen_train = data.splits["train"] + (data.pasted["train"] if cfg.paste_screen else [])
     embedded, train_labels, mirrored = training_embeddings(model, screen_train, size, cfg.batch_size, device)
     weights = hard_negative_weights(
         np.concatenate([individual.scores("train")[: len(screen_train)], np.ones(mirrored)]), train_labels,
         cfg.hard_negative_fraction)
-    # Frozen ImageNet features do not survive a max over eight images (validation AUC 0.65 with
-    # only the head trained): the late stages must adapt to merged inputs.
+    # Frozen ImageNet features do not survive a max over eight images: the late stages must adapt
+    # to merged inputs.
     member_logits = None
     if cfg.distill:  # the individual model's logit per embedded image (a mirrored copy takes its original's)
         logits = individual.logits("train")[: len(screen_train)]

@@ -2,10 +2,10 @@
 
 Photos of guns in the wild are CCTV frames, movie stills and news grabs: dark, soft and blocky.
 A head fitted on clean web photos reads that look itself as evidence: on degraded copies of the
-firearm manifest's test split, the clean-trained model flagged 32 % of everyday scenes at its
-threshold. Degraded copies of a third of the training photos, with their labels, cut that to 18 %
-and raised the degraded in-scene AUROC from 0.87 to 0.90 at no cost on clean photos (0.982 against
-0.983); degrading every photo cost clean AUROC and was not chosen. Copies are made at the model's
+firearm manifest's test split, the clean-trained model flagged many everyday scenes at its
+threshold. Degraded copies of a third of the training photos, with their labels, flagged far fewer
+and ranked degraded in-scene photos better, at no cost on clean photos; degrading every photo cost
+clean AUROC and was not chosen. Copies are made at the model's
 input size and travel as JPEG bytes, like the copy-paste composites, so the trainer's embedding
 path reads them as any other image.
 """

@@ -2,8 +2,8 @@
 
 A split by file hash lets frames of one video, crops of one stock photo and re-encodes of one
 picture sit on both sides of the train/test line; the test split then looks like the training data
-and scores what the model remembers (the first firearm model: 0.996 on its own test split, 0.35 on
-photos from elsewhere). Two rules put such photos in one family:
+and scores what the model remembers (the first firearm model, split by file, was near perfect on
+its own test split and far worse on photos from elsewhere). Two rules put such photos in one family:
 
 * **names**: exporters and scrapers number what they take from one place (``armas--1295-``,
   ``KravMagaTraining467``, ``core50_images_C_01_16_131``): the name without its digits, and the

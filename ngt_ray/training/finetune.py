@@ -34,10 +34,10 @@ class FinetuneConfig:
     pos_weight: float = 1.0  # weight of positive groups in the label loss
     distill_weight: float = 1.0  # weight of the teacher's soft targets (when a teacher is given)
     # the individual model's decision logit: its members' largest logit is centred there, so an
-    # all-negative group's soft target is low (uncentred, a group of 8 got 0.63)
+    # all-negative group's soft target is low (uncentred, a group of 8 got one above a half)
     distill_centre: float = 0.0
     # group sizes drawn in every step (default: group_size alone); halving scores every size down
-    # to 1, so a screen trained on one size alone loses the others (k = 1 AUC 0.94 -> 0.70)
+    # to 1, so a screen trained on one size alone loses the others
     sizes: tuple[int, ...] | None = None
     # batch-norm statistics of the trained stages stay the ImageNet ones (affine still trained);
     # fitted to k = 8 maxima they misnormalise every other size
