@@ -44,6 +44,6 @@ def test_device_decode_on_cuda_matches_cpu_decode(caltech):
             blobs.append(buf.getvalue())
     pixels, errors = decode_on_device([*blobs, b"", b"\xff\xd8\xffjunk"], 160, CUDA)
     assert pixels.device.type == "cuda" and errors[: len(blobs)] == [None] * len(blobs)
-    assert errors[-2] == "empty object" and errors[-1]
+    assert errors[-2].message == "empty object" and errors[-1]
     reference, _ = decode_many(blobs, 160)
     assert np.abs(pixels[: len(blobs)].cpu().numpy().astype(np.int16) - reference.astype(np.int16)).mean() < 3.0

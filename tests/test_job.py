@@ -34,7 +34,8 @@ def _run(tmp_path: Path, input_url: str, **kw) -> tuple[pa.Table, dict]:
     else:
         flags = pq.read_table(Path(out) / "flags")
         on_disk = pq.read_table(Path(out) / "stats.parquet").to_pylist()[0]
-    assert on_disk == stats
+    same = {k for k in stats if on_disk[k] == stats[k] or (on_disk[k] != on_disk[k] and stats[k] != stats[k])}
+    assert on_disk.keys() == stats.keys() == same  # NaN (untimed) equal to NaN
     return flags, stats
 
 
@@ -106,8 +107,9 @@ def _assert_stats_add_up(flags: pa.Table, stats: dict) -> None:
     assert math.isclose(
         stats["compute_saving"], 1 - stats["macs_total"] / (len(ok) * stats["macs_per_image_individual"])
     )
-    assert stats["time_saving"] == pytest.approx(
-        1 - sum(r["compute_seconds"] for r in ok) / (len(ok) * stats["seconds_per_image_individual"]))
+    if not math.isnan(stats["seconds_per_image_individual"]):  # timed
+        assert stats["time_saving"] == pytest.approx(
+            1 - sum(r["compute_seconds"] for r in ok) / (len(ok) * stats["seconds_per_image_individual"]))
     confirm = stats["macs_per_image_individual"]
     for r in ok:  # a confirmed row paid for the individual model on top of its screening share (if screened)
         if r["group_size"] is None:
@@ -143,7 +145,9 @@ def test_halving_retests_halves_on_cached_embeddings(planted, tmp_path, folder_r
 
 
 def test_overlap_and_auto_group_size(planted, tmp_path):
-    flags, stats = _run(tmp_path, str(planted.root), design="feature", algorithm="overlap", group_size="auto")
+    # k from MACs, not from seconds timed on a machine that may be busy with other work
+    flags, stats = _run(tmp_path, str(planted.root), design="feature", algorithm="overlap", group_size="auto",
+                        measure_time=False)
     assert flags.num_rows == planted.count == stats["images"]
     _assert_finds_planted(flags, planted)
     _assert_stats_add_up(flags, stats)
