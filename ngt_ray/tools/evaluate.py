@@ -29,9 +29,9 @@ import torch
 
 from ngt_ray.grouptesting.algorithms import ALGORITHMS, get_algorithm, screen
 from ngt_ray.grouptesting.buckets import plant
-from ngt_ray.grouptesting.calibration import roc_auc
+from ngt_ray.grouptesting.calibration import ScreenQuality, roc_auc
 from ngt_ray.grouptesting.cost_table import StageCosts, plan_sizes
-from ngt_ray.grouptesting.planning import ScreenQuality, choose_group_size, expected_cost
+from ngt_ray.grouptesting.planning import choose_group_size, expected_cost
 from ngt_ray.nets.checkpoint import ModelCard, individual_model_for, load_checkpoint, packaged_screen_models
 from ngt_ray.nets.profiling import stage_macs, stage_seconds
 from ngt_ray.nets.runtime import pick_device
