@@ -103,6 +103,7 @@ def present_run(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, 
     """Present the run (``RunOutput.commit``: stats.parquet from every row in flags/, then
     ``_SUCCESS``) and return its stats row."""
     flags = out.flags
+    _wait_for_a_free_cpu()  # the stream's actors are being torn down
     flags.fs.invalidate_cache()  # the workers wrote; the driver's listing cache has not seen it
     written = ray.data.read_parquet(flags.path, filesystem=flags.arrow_fs).select_columns(
         STATS_COLUMNS
@@ -132,16 +133,12 @@ def _actor_start_timeout(seconds: float) -> Iterator[None]:
         ctx.wait_for_min_actors_s = before
 
 
-def _wait_for_released(resources: dict[str, float], timeout: float = 10.0) -> None:
-    """A finished task's resources return to the pool a moment after its result does: wait (a few
-    seconds at most) until what the timing task held is free again, so the stream does not start on
-    a cluster that looks full (Ray Data then warns that the job will hang)."""
-    want = {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0)}
+def _wait_for_a_free_cpu(timeout: float = 10.0) -> None:
+    """Resources come back to the pool a moment after the task or actor pool that held them is
+    done: before the driver starts a Dataset, wait (a few seconds at most) for a CPU to be free, so
+    Ray Data does not start by warning that the job will hang on a cluster that looks full."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        free = ray.available_resources()
-        if all(free.get(name, 0.0) >= amount for name, amount in want.items()):
-            return
+    while ray.available_resources().get("CPU", 0.0) <= 0 and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -178,7 +175,7 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     out = RunOutput.open(cfg.output, run_config(cfg), cfg.s3_endpoint, overwrite=cfg.overwrite)
     if cfg.measure_time:
         p = p.with_seconds(ray.get(ray.remote(_measure_seconds).options(**p.placement.resources).remote(p)))
-        _wait_for_released(p.placement.resources)
+        _wait_for_a_free_cpu()  # the timing task's
     ledger = start_ledger()
     try:
         p = p.with_ledger(ledger)
