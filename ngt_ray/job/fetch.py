@@ -18,21 +18,31 @@ one attempt per read, and ``fetch`` owns the loop:
   row is final: a resumed run skips it).
 
 Messages name the object and the cause, with no memory addresses, query strings or credentials.
+
+The same loop reads byte ranges (``fetch(..., ranges=...)``: a container too large to hold whole is
+read piece by piece, every piece retried), and writes whole objects (``put``; ``retrying_writes``
+hands it to pyarrow and Ray Data writers): a write is one PUT, retried on the same transient
+failures; on a local disk it goes to a temporary name first, so a file is complete or absent.
 """
 
 from __future__ import annotations
 
 import http.client
+import io
 import logging
+import os
 import random
 import re
 import time
 import types
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
 import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
 from fsspec.exceptions import FSTimeoutError
 
 try:
@@ -52,7 +62,7 @@ except ModuleNotFoundError:  # an image without S3 support (the GPU check's): lo
 from ngt_ray.storage import redact
 
 __all__ = ["BucketError", "FetchError", "Fetched", "RetryPolicy", "StorageError", "StorageUnavailable", "classify",
-           "fetch", "single_attempt_client"]
+           "fetch", "put", "retrying_writes", "single_attempt_client"]
 
 log = logging.getLogger(__name__)
 
@@ -211,16 +221,20 @@ def classify(exc: BaseException) -> tuple[str, str, str]:
 
 
 def fetch(fs: fsspec.AbstractFileSystem, paths: Sequence[str], *, sizes: Sequence[int | None] | None = None,
-          policy: RetryPolicy = RetryPolicy(), sleep: Callable[[float], None] = time.sleep,
-          rng: random.Random | None = None) -> Fetched:
+          ranges: Sequence[tuple[int, int]] | None = None, policy: RetryPolicy = RetryPolicy(),
+          sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> Fetched:
     """Every object of ``paths`` (protocol-less, as ``fs`` names them), whole; see the module's rules.
 
     ``sizes``: the objects' listed sizes, where known: a read of another length is a truncated body.
+    ``ranges``: ``(start, end)`` per path, to read those bytes only; each range must lie within its
+    object, so a read of another length than ``end - start`` is a truncated body.
     Raises :class:`BucketError` or :class:`StorageUnavailable` when the bucket or the store, not an
     object, is at fault.
     """
     if not paths:
         return Fetched([], [], 0.0)
+    if ranges is not None:
+        sizes = [end - start for start, end in ranges]
     client, rng = single_attempt_client(fs), rng or random.Random()
     start, n = time.perf_counter(), len(paths)
     results: list[bytes | FetchError | None] = [None] * n
@@ -230,7 +244,8 @@ def fetch(fs: fsspec.AbstractFileSystem, paths: Sequence[str], *, sizes: Sequenc
     for round_ in range(policy.attempts):
         if round_:
             sleep(policy.backoff(round_, rng))
-        got = client.cat_ranges([paths[i] for i in todo], None, None, on_error="return")
+        starts, ends = ([ranges[i][0] for i in todo], [ranges[i][1] for i in todo]) if ranges else (None, None)
+        got = client.cat_ranges([paths[i] for i in todo], starts, ends, on_error="return")
         retry = []
         for i, value in zip(todo, got):
             attempts[i] += 1
@@ -251,7 +266,7 @@ def fetch(fs: fsspec.AbstractFileSystem, paths: Sequence[str], *, sizes: Sequenc
     for i, (kind, code, reason) in failed.items():
         results[i] = FetchError(fs.unstrip_protocol(paths[i]), kind, code, reason, attempts[i])
     fetched = Fetched(results, attempts, time.perf_counter() - start)  # type: ignore[arg-type]
-    _stop_if_store_fails(fetched)
+    _stop_if_store_fails(fetched, client, paths)
     if failed or fetched.retries:
         log.warning("read %d objects in %.1f s: %d retries, %d failed%s", n, fetched.seconds, fetched.retries,
                     len(failed), "".join(f"; {e.uri}: {e}" for e in fetched.errors[:3]))
@@ -272,15 +287,127 @@ def _stop_if_bucket_refuses(fs: fsspec.AbstractFileSystem, paths: Sequence[str],
                           "bucket name, the credentials the workers get and the bucket's policy.")
 
 
-def _stop_if_store_fails(fetched: Fetched) -> None:
+def _stop_if_store_fails(fetched: Fetched, client: fsspec.AbstractFileSystem, paths: Sequence[str]) -> None:
     """A store that cannot be reached, or that failed every read of a batch of two or more after every
-    attempt, is down: stop, so the objects stay unread (the same command resumes) rather than failed."""
+    attempt, is down: stop, so the objects stay unread (the same command resumes) rather than failed.
+    One object read alone (a WebDataset shard, a Parquet file, a piece of either) that fails after
+    every attempt says nothing about the store by itself: the store is asked about that object
+    once more (a HEAD, one attempt), and only if that fails too is the store taken for down."""
     errors = fetched.errors
     unreachable = [e for e in errors if e.kind == UNREACHABLE]
     all_failed = len(errors) == len(fetched.results) > 1 and all(e.kind == TRANSIENT for e in errors)
+    if len(fetched.results) == 1 and errors and errors[0].kind == TRANSIENT and not _answers(client, paths[0]):
+        all_failed = True
     if unreachable or all_failed:
         e = (unreachable or errors)[0]
         raise StorageUnavailable(
             f"the object store is unavailable: {e.reason} (reading {e.uri}; {len(errors)} of "
             f"{len(fetched.results)} objects of a batch failed, after up to {max(fetched.attempts)} attempts over "
             f"{fetched.seconds:.0f} s). The run stops; the same command resumes it and reads only what is missing.")
+
+
+def _answers(client: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether the store answers a question about ``path`` (its size: a HEAD on S3) in one attempt."""
+    try:
+        client.info(path)
+    except Exception as exc:  # noqa: BLE001 - classified: only a failure of the store's counts
+        return classify(exc)[0] not in (TRANSIENT, UNREACHABLE)
+    return True
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+
+
+def put(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, policy: RetryPolicy = RetryPolicy(),
+        sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> int:
+    """Write ``data`` as the object ``path`` (protocol-less), whole, in one request per attempt, and
+    return the attempts it took.
+
+    Transient failures (the kinds ``fetch`` retries) are retried with the same backoff; a PUT that is
+    retried after the store took it writes the same bytes again, so a retry never leaves two objects.
+    On a local disk the bytes go to a hidden temporary name beside ``path``, renamed over it once
+    complete (a kill leaves no half file under the real name); on an object store one PUT is atomic.
+    Raises :class:`BucketError` (bucket or credentials), :class:`StorageUnavailable` (still failing
+    after every attempt) or :class:`StorageError` (refused for this object): a run cannot go on
+    without its output, and the same command resumes it.
+    """
+    client, rng = single_attempt_client(fs), rng or random.Random()
+    start, uri = time.perf_counter(), fs.unstrip_protocol(path)
+    for attempt in range(1, policy.attempts + 1):
+        if attempt > 1:
+            sleep(policy.backoff(attempt - 1, rng))
+        try:
+            _put_once(client, path, data)
+        except Exception as exc:  # noqa: BLE001 - classified below; unknown kinds are not retried
+            kind, code, reason = classify(exc)
+            if kind in (TRANSIENT, UNREACHABLE) and attempt < policy.attempts:
+                continue
+            seconds = time.perf_counter() - start
+            if kind == BUCKET:
+                raise BucketError(f"cannot write the output: {reason} (writing {uri}). The run stops: check the "
+                                  "bucket name, the credentials the workers get and the bucket's policy.") from exc
+            if kind in (TRANSIENT, UNREACHABLE):
+                raise StorageUnavailable(
+                    f"the object store is unavailable: {reason} (writing {uri}, after {attempt} attempts over "
+                    f"{seconds:.0f} s). The run stops; the same command resumes it and writes only what is "
+                    "missing.") from exc
+            raise StorageError(f"cannot write {uri}: {reason}. The run stops.") from exc
+        if attempt > 1:
+            log.warning("wrote %s in %.1f s: %d retries", uri, time.perf_counter() - start, attempt - 1)
+        return attempt
+    raise AssertionError("unreachable")
+
+
+def _put_once(client: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    if not _is_local(client):
+        client.pipe_file(path, data)
+        return
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")  # hidden: no reader lists it
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+class _PutOnClose(io.BytesIO):
+    """An output stream that holds what is written and ``put``s it, whole, when closed."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, policy: RetryPolicy) -> None:
+        super().__init__()
+        self._target = (fs, path, policy)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        fs, path, policy = self._target
+        try:
+            put(fs, path, self.getvalue(), policy=policy)
+        finally:
+            super().close()
+
+
+class RetryingWrites(pafs.FSSpecHandler):
+    """``FSSpecHandler`` whose output streams are written by ``put``: pyarrow and Ray Data writers
+    (``write_parquet``, ``pq.write_table``) get counted retries, and a file complete or absent. Every
+    other call (listing, reading) is FSSpecHandler's."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, policy: RetryPolicy = RetryPolicy()) -> None:
+        super().__init__(fs)
+        self.policy = policy
+
+    def open_output_stream(self, path: str, metadata: dict | None = None) -> pa.NativeFile:
+        return pa.PythonFile(_PutOnClose(self.fs, path, self.policy), mode="w")
+
+    def open_append_stream(self, path: str, metadata: dict | None = None) -> pa.NativeFile:
+        raise NotImplementedError("appending is not retried: write whole objects")
+
+
+def retrying_writes(fs: fsspec.AbstractFileSystem, policy: RetryPolicy = RetryPolicy()) -> pafs.FileSystem:
+    """``fs`` as a pyarrow filesystem for writers whose files must arrive whole despite a flaky store
+    (see ``RetryingWrites``); local disks included, for the write-then-rename."""
+    return pafs.PyFileSystem(RetryingWrites(fs, policy))
