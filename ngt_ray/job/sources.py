@@ -3,6 +3,12 @@
 Three forms are read: plain image objects, WebDataset ``.tar`` shards (one row per sample), and
 Parquet files with an image-bytes column (one row per table row). Rows carry encoded bytes, never
 decoded pixels, so the object store holds compact data until the decode stage.
+
+Every form is listed on the driver and read through ``ngt_ray.job.fetch`` (counted retries,
+classified errors). A shard or Parquet file (a container) is read whole when it fits in
+``MAX_OBJECT_BYTES``, else piece by piece (ranged reads, each retried). A container that cannot be
+read, or is not a shard or a table, is ONE error row named by the container's uri (its samples
+cannot be counted); samples read before a failure part-way keep their rows.
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ import io
 import os
 import stat
 import tarfile
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -23,8 +28,8 @@ import ray.data
 
 from ngt_ray.errors import ErrorKind, RowError
 from ngt_ray.job.contracts import error_columns, errors_of
-from ngt_ray.job.fetch import fetch
-from ngt_ray.storage import Location, object_too_large
+from ngt_ray.job.fetch import FetchError, clean, fetch
+from ngt_ray.storage import MAX_OBJECT_BYTES, Location, object_too_large
 
 __all__ = ["FORMATS", "IMAGE_SUFFIXES", "Listed", "detect_format", "list_entries", "list_objects", "pick_column",
            "read_source"]
@@ -168,38 +173,189 @@ def _read_objects(batch: dict[str, np.ndarray], loc: Location) -> dict[str, np.n
             "read_attempts": np.array(got.attempts, dtype=np.int16)}
 
 
-def _expand_tar_shards(batch: dict[str, np.ndarray], loc: Location) -> dict[str, np.ndarray]:
-    """One row per WebDataset sample: members sharing a key form a sample, its image is the row.
+_CONTAINERS = {"webdataset": (".tar", "WebDataset shard"), "parquet": (".parquet", "Parquet file")}
+_RANGE_BYTES = 8 * 2**20  # one ranged read of a container too large to read whole
+_FOOTER_BYTES = 2**16  # one ranged read of a Parquet footer (its schema)
 
-    Ray's ``read_webdataset`` fails a whole block on a corrupt shard; here a shard that cannot be
-    read becomes one row with no bytes (an error row downstream), and a sample without an image
-    member becomes a row with no bytes too.
+
+def _list_containers(loc: Location, fmt: str) -> list[Listed]:
+    """The shards (``.tar``) or Parquet files under ``loc``, as ``list_entries`` lists them; names
+    starting with ``.`` or ``_`` are a dataset's metadata (``_SUCCESS``, ``_metadata``), not data."""
+    suffix, what = _CONTAINERS[fmt]
+    found = [e for e in list_entries(loc) if e.path.lower().endswith(suffix)
+             and not PurePosixPath(e.path).name.startswith((".", "_"))]
+    if not found:
+        raise FileNotFoundError(f"no {suffix} files under {loc.url}")
+    return found
+
+
+class _PieceFailed(Exception):
+    """A ranged read of a container still failed after the fetch layer's attempts."""
+
+    def __init__(self, error: FetchError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _RangedObject(io.RawIOBase):
+    """One object as a seekable read-only file whose reads are ``fetch``es of byte ranges, at least
+    ``chunk`` bytes each (kept until read past): a container too large to hold whole is read piece by
+    piece, each piece retried. A piece that still fails raises ``_PieceFailed``."""
+
+    def __init__(self, loc: Location, path: str, size: int, chunk: int = _RANGE_BYTES) -> None:
+        super().__init__()
+        self.loc, self.path, self.size, self.chunk = loc, path, size, chunk
+        self.pos, self.window_at, self.window = 0, 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if end <= self.pos:
+            return b""
+        if not self.window_at <= self.pos <= end <= self.window_at + len(self.window):
+            stop = min(self.size, max(end, self.pos + self.chunk))
+            [got] = fetch(self.loc.fs, [self.path], ranges=[(self.pos, stop)]).results
+            if isinstance(got, FetchError):
+                raise _PieceFailed(got)
+            self.window_at, self.window = self.pos, got
+        out = self.window[self.pos - self.window_at: end - self.window_at]
+        self.pos = end
+        return out
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _tar_samples(source: io.RawIOBase) -> Iterator[tuple[str, bytes | None]]:
+    """The WebDataset samples of a tar, in order: members sharing a key (the path up to the first dot
+    of the name) form a sample, its image the first member with an image suffix (None: no image). A
+    sample's members are adjacent, as WebDataset writes them (so a shard streams); a member that comes
+    back to a sample already passed is ignored."""
+    passed: set[str] = set()
+    key, image = None, None
+    with tarfile.open(fileobj=source, mode="r|*") as tar:
+        for member in tar:
+            name = PurePosixPath(member.name)
+            this = str(name.parent / name.name.split(".", 1)[0])
+            if not member.isfile() or this in passed:
+                continue
+            if this != key:
+                if key is not None:
+                    yield key, image
+                    passed.add(key)
+                key, image = this, None
+            if image is None and name.suffix.lower() in IMAGE_SUFFIXES:
+                image = tar.extractfile(member).read()
+    if key is None:
+        raise tarfile.ReadError("shard holds no samples")
+    yield key, image
+
+
+def _table_samples(source: io.RawIOBase | pa.BufferReader, columns: tuple[str, str],
+                   rows: int, chunk: int = _RANGE_BYTES) -> Iterator[tuple[object, bytes | None]]:
+    """``(key, image bytes)`` of every row of a Parquet file, reading only those two columns, ``rows``
+    at a time. A file read in pieces is read ``chunk`` bytes at a time, or a page where a page is
+    larger (pyarrow writes a page per 1024 values), never a whole row group at once."""
+    key, image = columns
+    if isinstance(source, pa.BufferReader):
+        table = pq.ParquetFile(source)
+    else:
+        table = pq.ParquetFile(pa.PythonFile(source, mode="r"), buffer_size=chunk, pre_buffer=False)
+    missing = [c for c in (key, image) if c not in table.schema_arrow.names]
+    if missing:
+        raise ValueError(f"no column {missing[0]!r} (columns: {table.schema_arrow.names})")
+    for batch in table.iter_batches(batch_size=rows, columns=[key, image], use_threads=False):
+        yield from zip(batch.column(key).to_pylist(), batch.column(image).to_pylist())
+
+
+def _rows(uris: list[str], blobs: list[bytes], errors: list[RowError | None]) -> dict[str, np.ndarray]:
+    return {"uri": np.array(uris, dtype=object), "bytes": np.array(blobs, dtype=object), **error_columns(errors)}
+
+
+def _read_containers(batch: dict[str, np.ndarray], loc: Location, fmt: str, columns: tuple[str, str] | None = None,
+                     rows: int = _OBJECTS_PER_READ, whole: int = MAX_OBJECT_BYTES,
+                     chunk: int = _RANGE_BYTES) -> Iterator[dict[str, np.ndarray]]:
+    """One row per sample (a shard's) or table row (a Parquet file's) of the listed containers, ``rows``
+    at a time, named ``container#key``.
+
+    A container of at most ``whole`` bytes is read with one ``fetch`` (retried, classified), a larger
+    one in ranged reads of ``chunk`` bytes or more, each retried, so no read holds more than a piece.
+    A container that cannot be read (after every attempt), or is not a shard or a table (or lacks the
+    key or image column), is one error row named by its uri: its samples cannot be counted. One that
+    fails part-way keeps the rows of the samples read before, and the error row says how many. A
+    bucket or store that cannot be read raises ``StorageError`` from ``fetch``: the run stops.
     """
-    uris: list[str] = []
-    blobs: list[bytes] = []
-    for path, data in zip(batch["path"], batch["bytes"]):
-        shard = loc.object_uri(path)
-        try:
-            samples: OrderedDict[str, bytes | None] = OrderedDict()
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    name = PurePosixPath(member.name)
-                    key = str(name.parent / name.name.split(".", 1)[0])
-                    samples.setdefault(key, None)
-                    if name.suffix.lower() in IMAGE_SUFFIXES and samples[key] is None:
-                        samples[key] = tar.extractfile(member).read()
-            if not samples:
-                raise tarfile.TarError("shard holds no samples")
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            uris.append(f"{shard}#<unreadable shard: {type(exc).__name__}>")
-            blobs.append(b"")
+    what = _CONTAINERS[fmt][1]
+    for path, size, message, kind in zip(batch["path"], batch["size"], batch["problem"], batch["problem_kind"]):
+        container, size = loc.object_uri(str(path)), int(size)
+        if message:  # the listing's word: not a regular file
+            yield _rows([container], [b""], [RowError(ErrorKind(kind), str(message))])
             continue
-        for key, blob in samples.items():
-            uris.append(f"{shard}#{key}")
-            blobs.append(blob or b"")
-    return {"uri": np.array(uris, dtype=object), "bytes": np.array(blobs, dtype=object)}
+        if size <= whole:  # unknown sizes (-1) included: read whole, as images are
+            [got] = fetch(loc.fs, [str(path)], sizes=[size if size >= 0 else None]).results
+            if isinstance(got, FetchError):
+                yield _rows([container], [b""], [RowError(ErrorKind.READ, str(got))])
+                continue
+            source = pa.BufferReader(got) if fmt == "parquet" else io.BytesIO(got)
+        else:
+            source = _RangedObject(loc, str(path), size, chunk)
+        samples = _tar_samples(source) if fmt == "webdataset" else _table_samples(source, columns, rows, chunk)
+        uris: list[str] = []
+        blobs: list[bytes] = []
+        done, error = 0, None
+        try:
+            for key, blob in samples:
+                uris.append(f"{container}#{key}")
+                blobs.append(blob or b"")
+                if len(uris) == rows:
+                    yield _rows(uris, blobs, [None] * rows)
+                    done, uris, blobs = done + rows, [], []
+        except _PieceFailed as exc:
+            error = str(exc.error)
+        except (tarfile.TarError, OSError, EOFError, ValueError, pa.ArrowException) as exc:
+            error = clean(f"not a readable {what}: {type(exc).__name__}: {exc}")
+        if error is not None:
+            read = done + len(uris)
+            uris.append(container)
+            blobs.append(b"")
+            if read:
+                error += f" (the {read} samples before it have rows of their own)"
+        if uris:
+            yield _rows(uris, blobs, [None] * (len(uris) - (error is not None)) +
+                        ([RowError(ErrorKind.READ, error)] if error is not None else []))
+
+
+def _parquet_columns(loc: Location, entries: list[Listed], image_column: str | None,
+                     key_column: str | None) -> tuple[str, str]:
+    """``(key, image)`` columns, from the schema of the first listed Parquet file whose footer can be read
+    (ranged reads through ``fetch``)."""
+    for entry in entries:
+        if entry.problem is not None:
+            continue
+        try:
+            size = entry.size if entry.size >= 0 else loc.fs.size(entry.path)
+            names = pq.ParquetFile(pa.PythonFile(_RangedObject(loc, entry.path, size, _FOOTER_BYTES),
+                                                 mode="r")).schema_arrow.names
+        except (_PieceFailed, OSError, ValueError, pa.ArrowException):
+            continue
+        where = loc.uri(entry.path)
+        image = pick_column(names, image_column, _IMAGE_COLUMNS, "image", where)
+        return pick_column(names, key_column, _KEY_COLUMNS, "key", where), image
+    raise FileNotFoundError(f"no readable Parquet file under {loc.url} to take the key and image columns from")
 
 
 def pick_column(names: list[str], wanted: str | None, preferred: tuple[str, ...], what: str, where: str) -> str:
@@ -272,7 +428,8 @@ def read_source(
 
     ``paths``: a Dataset of ``{"path": ...}`` rows (from a manifest) read instead of listing ``loc``.
     ``skip``: uris already written by an earlier attempt of the run (never read again where the
-    uri is an object's, filtered before decode where it is a shard's or a table's sample).
+    uri is an object's or a container's error row, filtered before decode where it is a shard's or
+    a table's sample).
     ``task_cpus``: CPUs of each read task (see ``ngt_ray.job.placement``).
     ``block_rows``: listed objects per block at most. A block is what flows to the model actors and
     the writer as one piece, so it is also the smallest piece of work an interrupted run keeps.
@@ -302,24 +459,17 @@ def read_source(
             paths = paths.filter(lambda row: loc.object_uri(row["path"]) not in skip)
         return paths.map_batches(_read_listed, fn_kwargs={"loc": loc}, batch_size=per_read,
                                  batch_format="numpy", **tasks), listed
-    if fmt == "webdataset":
-        ds = ray.data.read_binary_files(
-            loc.path, include_paths=True, filesystem=loc.arrow_fs, file_extensions=["tar"], num_cpus=task_cpus
-        )
-        ds = ds.map_batches(_expand_tar_shards, fn_kwargs={"loc": loc}, batch_size=1, batch_format="numpy", **tasks)
-    elif fmt == "parquet":
-        first = _first_object(loc, ".parquet")
-        schema = pq.read_schema(first, filesystem=loc.arrow_fs)
-        image = pick_column(schema.names, image_column, _IMAGE_COLUMNS, "image", loc.uri(first))
-        key = pick_column(schema.names, key_column, _KEY_COLUMNS, "key", loc.uri(first))
-        ds = ray.data.read_parquet(loc.path, filesystem=loc.arrow_fs, include_paths=True,
-                                   num_cpus=task_cpus).select_columns([key, image, "path"])
-
-        def to_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            uris = [f"{loc.object_uri(p)}#{k}" for p, k in zip(batch["path"], batch[key])]
-            return {"uri": np.array(uris, dtype=object), "bytes": batch[image]}
-
-        ds = ds.map_batches(to_rows, batch_format="numpy", **tasks)
+    if fmt in _CONTAINERS:
+        # listed on the driver like images, one container per block: each is read (and expanded) by
+        # one task, through the fetch layer; a container with an error row is not read again
+        entries = _list_containers(loc, fmt)
+        columns = _parquet_columns(loc, entries, image_column, key_column) if fmt == "parquet" else None
+        todo = [{"path": e.path, "size": e.size, "problem": e.problem and e.problem.message,
+                 "problem_kind": e.problem and e.problem.kind} for e in entries if loc.object_uri(e.path) not in skip]
+        table = pa.Table.from_pylist(todo, schema=_LISTED_SCHEMA)
+        ds = ray.data.from_arrow([table.slice(i, 1) for i in range(max(len(todo), 1))]).map_batches(
+            _read_containers, fn_kwargs={"loc": loc, "fmt": fmt, "columns": columns, "rows": per_read}, batch_size=1,
+            batch_format="numpy", **tasks)
     else:
         raise ValueError(f"input format must be one of {('auto', *FORMATS)}, got {fmt!r}")
     if skip:
