@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ngt_ray.job.fetch import put
 from ngt_ray.storage import Location, require_bucket, resolve
 
 log = logging.getLogger(__name__)
@@ -113,8 +115,8 @@ class RunOutput:
         if not self.staged:  # this location is about to change: it is not complete until commit
             _remove(self.root, SUCCESS)
             _remove(self.root, "stats.parquet")
-        with fs.open(self.work.join(RUN_RECORD).path, "w") as f:
-            json.dump(self.config, f, indent=2, sort_keys=True)
+        # every write here is one retried put (ngt_ray.job.fetch): complete or absent, on a flaky store too
+        put(fs, self.work.join(RUN_RECORD).path, json.dumps(self.config, indent=2, sort_keys=True).encode())
         self.done = frozenset(self._finished_uris())
         if self.done:
             log.info("resuming %s: %d objects already written are skipped", self.work.url, len(self.done))
@@ -147,10 +149,10 @@ class RunOutput:
             fs.mv(self.work.join(RUN_RECORD).path, self.root.join(RUN_RECORD).path)
             fs.rm(self.work.path, recursive=True)
             self.work, self.staged = self.root, False
-        with fs.open(self.root.join("stats.parquet").path, "wb") as f:
-            pq.write_table(stats, f)
-        with fs.open(self.root.join(SUCCESS).path, "w") as f:
-            f.write("")
+        table = pa.BufferOutputStream()
+        pq.write_table(stats, table)
+        put(fs, self.root.join("stats.parquet").path, table.getvalue().to_pybytes())
+        put(fs, self.root.join(SUCCESS).path, b"")
 
 
 def _read_record(loc: Location) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ import ray.data
 
 from ngt_ray.grouptesting.cost_table import StageCosts
 from ngt_ray.job.contracts import FLAGS_SCHEMA
-from ngt_ray.job.fetch import BucketError
+from ngt_ray.job.fetch import BucketError, retrying_writes
 from ngt_ray.job.manifests import manifest_paths
 from ngt_ray.job.outputs import RunOutput, run_config
 from ngt_ray.job.phases import collect, operator_cpu_seconds, start_ledger
@@ -182,7 +182,8 @@ def run_moderation(cfg: ModerationConfig) -> dict:
         stream_start = time.perf_counter()
         ds, objects = build(p, out.done)
         with _ordered(cfg.ordered), _actor_start_timeout(cfg.actor_start_timeout):
-            ds.write_parquet(out.flags.path, filesystem=out.flags.arrow_fs, try_create_dir=False,
+            # each flags file is one retried put (retrying_writes): complete or absent on a flaky store
+            ds.write_parquet(out.flags.path, filesystem=retrying_writes(out.flags.fs), try_create_dir=False,
                              min_rows_per_file=cfg.rows_per_file, ray_remote_args=_WRITE_RESOURCES)
         stream_seconds = time.perf_counter() - stream_start
         return present_run(p, ledger, operator_cpu_seconds(ds), stream_seconds, time.perf_counter() - start, out,
