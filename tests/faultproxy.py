@@ -2,12 +2,18 @@
 
 It sits in front of the test S3 server (``rclone serve s3``): the job's client talks to the proxy as its
 endpoint, and the proxy forwards every request with its Host header unchanged, so SigV4 signatures (which
-cover the host the client signed for) still verify upstream. Faults hit object GETs only (a GET with a key);
-listings, HEADs and writes pass through, so a test knows which requests can fail.
+cover the host the client signed for) still verify upstream. Faults hit requests to objects (with a key),
+by default GETs only; listings always pass through, so a test knows which requests can fail.
 
 Which GET fails is decided by a hash of (seed, key, attempt number of that key), not by arrival order: the
 same seed fails the same attempts of the same objects however the reads interleave. Everything injected is
 counted, per fault and per key.
+
+Writes and HEADs fail only where ``methods`` names them (the default is GETs alone). Since a writer may
+name its objects at random (Ray Data's files carry a fresh uuid), which PUT (or HEAD) fails is a hash of
+(seed, method, its number among that method's requests): a seed fails the same share of them, in the order
+they arrive. On a write, ``slowdown``, ``internal`` and ``reset`` answer before the store sees the object;
+``truncate`` does nothing (an S3 write's answer has no body).
 
 Faults: ``slowdown`` (503 SlowDown, S3's XML body), ``internal`` (500 InternalError), ``reset`` (the socket
 is closed with a TCP RST, no response), ``truncate`` (the full Content-Length, half the body, then the
@@ -22,11 +28,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import re
 import socket
 import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -49,10 +57,13 @@ class FaultProxy:
 
     ``always``: key (``bucket/key``) -> fault injected on every GET of that key, whatever ``rate``.
     ``down_after``: after this many object GETs the proxy stops itself (a store that dies mid-run).
+    ``methods``: the requests to objects that faults hit (``("PUT",)``: the writes alone).
+    ``only``: where given, faults hit only the keys it accepts (others pass, and take no number).
     """
 
     def __init__(self, upstream: str, fault: str | None = None, rate: float = 0.0, *, seed: int = 0,
-                 always: dict[str, str] | None = None, delay_s: float = 2.0, down_after: int | None = None):
+                 always: dict[str, str] | None = None, delay_s: float = 2.0, down_after: int | None = None,
+                 methods: tuple[str, ...] = ("GET",), only: Callable[[str], bool] | None = None):
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
         parts = urlsplit(upstream)
@@ -60,8 +71,15 @@ class FaultProxy:
         self.fault, self.rate, self.seed, self.delay_s = fault, rate, seed, delay_s
         self.always = dict(always or {})
         self.down_after = down_after
+        self.methods = frozenset(methods)
+        self.only = only
         self.injected: Counter[str] = Counter()  # fault -> times injected
         self.attempts: Counter[str] = Counter()  # bucket/key -> object GETs seen
+        self.puts: Counter[str] = Counter()  # bucket/key -> PUTs seen
+        # method -> requests to objects that botocore sent as its own retry (amz-sdk-request: attempt=2 or
+        # more): zero where every retry is the fetch layer's, which has botocore make one attempt per call
+        self.client_retries: Counter[str] = Counter()
+        self._sequence: Counter[str] = Counter()  # method (not GET) -> requests to objects seen
         self.requests: Counter[str] = Counter()  # method -> requests seen
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -106,17 +124,27 @@ class FaultProxy:
 
     # -- decisions ---------------------------------------------------------------------------------
 
-    def _decide(self, key: str) -> str | None:
-        """The fault for this GET of ``key`` (None: forward it as it is), counted."""
+    def _decide(self, key: str, method: str = "GET") -> str | None:
+        """The fault for this request to the object ``key`` (None: forward it as it is), counted."""
         with self._lock:
-            n = self.attempts[key]
-            self.attempts[key] += 1
-            if self.down_after is not None and self.object_gets > self.down_after:
+            if method == "GET":
+                n = self.attempts[key]
+                self.attempts[key] += 1
+                which = f"{key}:{n}"
+            else:
+                if method == "PUT":
+                    self.puts[key] += 1
+                which = f"{method}:{self._sequence[method]}"
+                if self.only is None or self.only(key):
+                    self._sequence[method] += 1
+            if method == "GET" and self.down_after is not None and self.object_gets > self.down_after:
                 fault = "down"
+            elif method not in self.methods or (self.only is not None and not self.only(key)):
+                fault = None
             elif key in self.always:
                 fault = self.always[key]
             elif self.fault and self.rate > 0:
-                digest = hashlib.sha256(f"{self.seed}:{key}:{n}".encode()).digest()
+                digest = hashlib.sha256(f"{self.seed}:{which}".encode()).digest()
                 fault = self.fault if struct.unpack(">Q", digest[:8])[0] / 2**64 < self.rate else None
             else:
                 fault = None
@@ -152,8 +180,12 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if proxy._down.is_set():
                 return self._reset()
             body = self._request_body()
-            key = _object_key(self.path) if self.command == "GET" else None
-            fault = proxy._decide(key) if key else None
+            key = _object_key(self.path)
+            attempt = re.search(r"attempt=(\d+)", self.headers.get("amz-sdk-request", ""))
+            if key and attempt and int(attempt[1]) > 1:
+                with proxy._lock:
+                    proxy.client_retries[self.command] += 1
+            fault = proxy._decide(key, self.command) if key else None
             if fault in ("reset", "down"):
                 return self._reset()
             if fault in _ERRORS:

@@ -1,5 +1,6 @@
 """Storage faults are retried, then isolated: the fault proxy (tests/faultproxy.py) in front of a real S3
-server on loopback, first under ``fetch`` alone, then under the whole job on real photos, then a worker
+server on loopback, first under ``fetch`` and ``put`` alone, then under the whole job on real photos (as
+image objects, WebDataset shards and Parquet files, and with the output on the flaky store), then a worker
 node killed mid-run on a two-node cluster.
 
 For every fault the job completes, every object has exactly one row, and every row that is not an error
@@ -8,20 +9,39 @@ carries the decision the same photos get without faults (a truncated body is nev
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import random
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+import fsspec
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 from faultproxy import FAULTS, FaultProxy
 
-from ngt_ray.job.fetch import BucketError, RetryPolicy, StorageUnavailable, classify, clean, fetch
+from ngt_ray.job.fetch import (
+    BucketError,
+    RetryPolicy,
+    StorageError,
+    StorageUnavailable,
+    classify,
+    clean,
+    fetch,
+    put,
+    retrying_writes,
+)
+from ngt_ray.job.outputs import SUCCESS
 from ngt_ray.job.pipeline import ModerationConfig, run_moderation
+from ngt_ray.job.sources import _list_containers, _read_containers
+from ngt_ray.storage import resolve
 
 FAST = RetryPolicy(base=0.01, cap=0.05)  # same attempts, no waiting: fetch-level tests
 RATE = 0.05  # the issue's injected rate for the job runs
@@ -161,7 +181,7 @@ _JOB = {"stub_models": True, "measure_time": False, "group_size": 8, "batch_size
 
 
 def _moderate(out: Path, endpoint: str, **kw) -> tuple[list[dict], dict]:
-    cfg = ModerationConfig(input="s3://faults/photos", output=str(out), s3_endpoint=endpoint, **{**_JOB, **kw})
+    cfg = ModerationConfig(**{"input": "s3://faults/photos", "output": str(out), "s3_endpoint": endpoint, **_JOB, **kw})
     stats = run_moderation(cfg)
     return pq.read_table(out / "flags").to_pylist(), stats
 
@@ -193,9 +213,12 @@ def _check_rows(rows: list[dict], photo_bucket: dict, clean_run: dict[str, dict]
     return errors
 
 
-def _record(fault: str, rate: float, proxy: FaultProxy, objects: int, rows: int, errors: int, wall: float) -> None:
+def _record(fault: str, rate: float, proxy: FaultProxy, objects: int, rows: int, errors: int, wall: float,
+            retries: int | None = None) -> None:
+    """One row of the table; ``retries``: where they are not GETs beyond one per object (packed inputs, writes)."""
     _TABLE.append({"fault": fault, "rate": rate, "objects": objects, "rows": rows, "object_gets": proxy.object_gets,
-                   "injected": sum(proxy.injected.values()), "retries": proxy.object_gets - objects,
+                   "injected": sum(proxy.injected.values()),
+                   "retries": proxy.object_gets - objects if retries is None else retries,
                    "error_rows": errors, "wall_s": wall})
 
 
@@ -275,6 +298,234 @@ def test_store_down_mid_run_stops_the_run_and_the_same_command_resumes(photo_buc
             f"{proxy.object_gets - first_gets} GETs)", 0.0, proxy, n, len(rows), len(errors),
             time.perf_counter() - start)
     assert not errors and stats["images"] == n and 0 <= stats["resumed_rows"] < n
+
+
+# -- ranged reads, one object alone, and writes: the fetch layer against the proxy -------------------
+
+@pytest.mark.parametrize("fault", ["slowdown", "truncate"])
+def test_ranged_reads_are_retried_until_read(s3_server, blobs, fault):
+    ranges = [(7, 7 + len(v) // 3) for v in blobs.values()]
+    with FaultProxy(s3_server["endpoint"], fault, rate=0.3, seed=1) as proxy:
+        # as storage.resolve configures it: the test server answers a range with the whole object's checksum
+        client = _client(proxy, response_checksum_validation="when_required")
+        got = fetch(client, list(blobs), ranges=ranges, policy=FAST)
+    assert got.results == [v[a:b] for v, (a, b) in zip(blobs.values(), ranges)]
+    assert proxy.injected[fault] > 0 and got.retries == proxy.object_gets - len(blobs) > 0
+
+
+def test_one_object_read_alone_is_an_error_unless_the_store_fails_too(s3_server, blobs):
+    """A shard read alone that fails every attempt: the store answers a HEAD about it, so it is that
+    object's error; when the HEAD fails too, the store is down and the run stops."""
+    key = "fetch/obj-04.bin"
+    with FaultProxy(s3_server["endpoint"], always={key: "internal"}) as proxy:
+        [error] = fetch(_client(proxy), [key], policy=FAST).errors
+    assert error.attempts == FAST.attempts and proxy.requests["HEAD"] == 1
+    with FaultProxy(s3_server["endpoint"], "internal", rate=1.0, methods=("GET", "HEAD")) as proxy, \
+            pytest.raises(StorageUnavailable, match=r"InternalError \(HTTP 500\).*reading s3://fetch/obj-04\.bin"):
+        fetch(_client(proxy), [key], policy=FAST)
+
+
+@pytest.fixture(scope="module")
+def out_bucket(s3_server) -> s3fs.S3FileSystem:
+    """Bucket ``faults-out``, read directly (not through the proxy; ranged reads as storage.resolve reads)."""
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server["endpoint"], skip_instance_cache=True,
+                           config_kwargs={"response_checksum_validation": "when_required"})
+    fs.mkdir("faults-out")
+    return fs
+
+
+@pytest.mark.parametrize("fault", ["slowdown", "internal", "reset"])
+def test_writes_are_retried_until_written(s3_server, blobs, out_bucket, fault):
+    keys = {f"faults-out/put-{fault}/{k.rsplit('/', 1)[1]}": v for k, v in blobs.items()}
+    with FaultProxy(s3_server["endpoint"], fault, rate=0.3, seed=1, methods=("PUT",)) as proxy:
+        attempts = [put(_client(proxy), k, v, policy=FAST) for k, v in keys.items()]
+    assert proxy.injected[fault] > 0 and proxy.object_gets == 0 and proxy.client_retries["PUT"] == 0
+    assert sum(proxy.puts.values()) == len(keys) + proxy.injected[fault]
+    if fault == "reset":  # aiohttp itself sends a PUT once more when a kept-alive connection was reset
+        assert len(keys) < sum(attempts) <= sum(proxy.puts.values())
+    else:
+        assert sum(attempts) == sum(proxy.puts.values())  # every retry counted
+    assert {k: out_bucket.cat_file(k) for k in keys} == keys
+
+
+def test_a_write_that_keeps_failing_stops_the_run(s3_server, out_bucket):
+    key = "faults-out/never/run.json"
+    with FaultProxy(s3_server["endpoint"], always={key: "slowdown"}, methods=("PUT",)) as proxy, pytest.raises(
+            StorageUnavailable, match=r"SlowDown \(HTTP 503\).*writing s3://faults-out/never/run\.json, after 5 "
+                                      r"attempts.*same command resumes"):
+        put(_client(proxy), key, b"{}", policy=FAST)
+    assert proxy.puts[key] == FAST.attempts and not out_bucket.exists(key)
+
+
+def test_local_writes_are_complete_or_absent(tmp_path, monkeypatch):
+    local = fsspec.filesystem("file")
+    assert put(local, str(tmp_path / "a.parquet"), b"x" * 100, policy=FAST) == 1
+    assert os.listdir(tmp_path) == ["a.parquet"] and (tmp_path / "a.parquet").read_bytes() == b"x" * 100
+
+    def disk_gone(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("ngt_ray.job.fetch.os.replace", disk_gone)  # the rename never happens
+    with pytest.raises(StorageError, match=r"cannot write .*b\.parquet: .*Input/output error"):
+        put(local, str(tmp_path / "b.parquet"), b"y" * 100, policy=FAST)
+    assert os.listdir(tmp_path) == ["a.parquet"]  # neither a half file nor its temporary
+
+
+def test_parquet_through_retrying_writes_arrives_whole(s3_server, out_bucket):
+    table = pa.table({"uri": [f"s3://b/{i}.jpg" for i in range(2000)], "score": np.arange(2000, dtype=np.float32)})
+    with FaultProxy(s3_server["endpoint"], "reset", rate=0.3, seed=3, methods=("PUT",)) as proxy:
+        writes = retrying_writes(_client(proxy), FAST)
+        for i in range(8):
+            pq.write_table(table, f"faults-out/arrow/{i}.parquet", filesystem=writes)
+    assert proxy.injected["reset"] > 0 and sum(proxy.puts.values()) == 8 + proxy.injected["reset"]
+    for i in range(8):
+        assert pq.read_table(f"faults-out/arrow/{i}.parquet", filesystem=out_bucket).equals(table)
+
+
+# -- packed inputs (WebDataset shards, Parquet files) and the writes, in the job ---------------------
+
+# The seed of the packed and write runs: at 5 % it fails the first GET of 2 of the 8 shards, 2 of the 9
+# first Parquet reads (the driver reads the first file's footer) and 2 of the first 11 PUTs.
+SEED = 137
+_CONTAINERS = 8
+
+
+@pytest.fixture(scope="module")
+def packed_bucket(photo_bucket, planted, s3_server) -> dict[str, dict]:
+    """The 64 samples of ``photo_bucket`` packed into 8 WebDataset shards (``faults/shards/``, an image
+    and a label per sample) and 8 Parquet files (``faults/table/``, key and image columns); bucket
+    ``faults`` is ``photo_bucket``'s."""
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server["endpoint"], skip_instance_cache=True)
+    samples = [(f"{copy}-{p.stem}", p.read_bytes()) for p in sorted(planted.root.iterdir()) for copy in "ab"]
+    per = len(samples) // _CONTAINERS
+    packed: dict[str, dict] = {"webdataset": {"url": "s3://faults/shards", "uris": []},
+                               "parquet": {"url": "s3://faults/table", "uris": []}}
+    for i in range(_CONTAINERS):
+        part = samples[i * per:(i + 1) * per]
+        shard, table = f"faults/shards/shard-{i:05d}.tar", f"faults/table/part-{i:05d}.parquet"
+        tar_bytes = io.BytesIO()
+        with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
+            for key, data in part:
+                for name, member in ((f"{key}.jpg", data), (f"{key}.cls", b"0")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(member)
+                    tar.addfile(info, io.BytesIO(member))
+        table_bytes = pa.BufferOutputStream()
+        pq.write_table(pa.table({"key": [k for k, _ in part], "image": [d for _, d in part]}), table_bytes)
+        fs.pipe({shard: tar_bytes.getvalue(), table: table_bytes.getvalue().to_pybytes()})
+        packed["webdataset"]["uris"] += [f"s3://{shard}#{k}" for k, _ in part]
+        packed["parquet"]["uris"] += [f"s3://{table}#{k}" for k, _ in part]
+    for fmt in packed.values():
+        fmt["uris"].sort()
+    assert len(packed["parquet"]["uris"]) == 2 * planted.count
+    return packed
+
+
+@pytest.fixture(scope="module")
+def packed_clean(ray_local, packed_bucket, s3_server, tmp_path_factory) -> dict[str, dict[str, dict]]:
+    """The packed inputs read without faults: what every scored row must match, per format."""
+    runs = {}
+    for fmt, packed in packed_bucket.items():
+        rows, stats = _moderate(tmp_path_factory.mktemp(f"clean-{fmt}") / "out", s3_server["endpoint"],
+                                input=packed["url"])
+        assert sorted(r["uri"] for r in rows) == packed["uris"] and stats["errors"] == 0
+        runs[fmt] = {r["uri"]: r for r in rows}
+    return runs
+
+
+def _read_packed(fmt: str, endpoint: str, **kw) -> list[tuple[str, bytes, str]]:
+    """``(uri, bytes, error)`` of every row ``_read_containers`` makes of the packed input, without Ray."""
+    loc = resolve(f"s3://faults/{'shards' if fmt == 'webdataset' else 'table'}", endpoint)
+    entries = _list_containers(loc, fmt)
+    batch = {"path": np.array([e.path for e in entries], dtype=object), "size": np.array([e.size for e in entries]),
+             "problem": np.full(len(entries), None), "problem_kind": np.full(len(entries), None)}
+    columns = ("key", "image") if fmt == "parquet" else None
+    return [row for out in _read_containers(batch, loc, fmt, columns, rows=16, **kw)
+            for row in zip(out["uri"], out["bytes"], out["error"])]
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_a_container_too_large_to_read_whole_is_read_in_retried_pieces(packed_bucket, s3_server, fmt):
+    """Every container read in ranged pieces of 32 kB (as one over MAX_OBJECT_BYTES is): a faulted piece is
+    read again, and the rows are those of whole reads."""
+    whole = _read_packed(fmt, s3_server["endpoint"])
+    with FaultProxy(s3_server["endpoint"]) as clean_proxy:
+        assert _read_packed(fmt, clean_proxy.endpoint, whole=0, chunk=32_000) == whole
+    pieces = clean_proxy.object_gets
+    with FaultProxy(s3_server["endpoint"], "truncate", rate=RATE, seed=SEED) as proxy:
+        assert _read_packed(fmt, proxy.endpoint, whole=0, chunk=32_000) == whole
+    assert sorted(uri for uri, _, _ in whole) == packed_bucket[fmt]["uris"] and not any(e for _, _, e in whole)
+    # a shard in pieces of 32 kB; a Parquet file's footer, then its pages (8 photos: one page)
+    assert pieces >= (4 if fmt == "webdataset" else 2) * _CONTAINERS and proxy.injected["truncate"] > 0
+    assert proxy.object_gets == pieces + proxy.injected["truncate"]  # each faulted piece read once more
+
+
+def test_an_unreadable_container_is_one_error_row(packed_bucket, s3_server):
+    """A shard failing every read is one row naming it; a shard that is not a tar is one row too."""
+    s3fs.S3FileSystem(endpoint_url=s3_server["endpoint"], skip_instance_cache=True).pipe_file(
+        "faults/broken/shard-00000.tar", b"not a tar" * 100)
+    never = "faults/shards/shard-00003.tar"
+    with FaultProxy(s3_server["endpoint"], always={never: "internal"}) as proxy:
+        rows = _read_packed("webdataset", proxy.endpoint)
+    errors = {uri: error for uri, _, error in rows if error}
+    assert errors == {f"s3://{never}": "read failed after 5 attempts: InternalError (HTTP 500): We encountered an "
+                                       "internal error. Please try again."}
+    assert len(rows) == len(packed_bucket["webdataset"]["uris"]) - 8 + 1 and proxy.attempts[never] == 5
+    loc = resolve("s3://faults/broken", s3_server["endpoint"])
+    batch = {"path": np.array(["faults/broken/shard-00000.tar"], dtype=object), "size": np.array([900]),
+             "problem": np.full(1, None), "problem_kind": np.full(1, None)}
+    [out] = _read_containers(batch, loc, "webdataset")
+    assert list(out["uri"]) == ["s3://faults/broken/shard-00000.tar"] and list(out["error_kind"]) == ["read"]
+    assert out["error"][0].startswith("not a readable WebDataset shard: ReadError")
+
+
+@pytest.mark.parametrize("fault", ["slowdown", "internal", "reset", "truncate"])
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_job_reads_packed_inputs_under_faults(fmt, fault, packed_bucket, s3_server, packed_clean, tmp_path):
+    packed = packed_bucket[fmt]
+    n, reads = len(packed["uris"]), _CONTAINERS + (fmt == "parquet")  # + the footer the driver reads
+    with FaultProxy(s3_server["endpoint"], fault, rate=RATE, seed=SEED) as proxy:
+        start = time.perf_counter()
+        rows, stats = _moderate(tmp_path / "out", proxy.endpoint, input=packed["url"])
+        wall = time.perf_counter() - start
+    errors = _check_rows(rows, packed, packed_clean[fmt])
+    _record(f"{fault}, {fmt} ({_CONTAINERS} files of {n // _CONTAINERS} samples; GETs are of files)", RATE, proxy, n,
+            len(rows), len(errors), wall, retries=proxy.object_gets - reads)
+    assert proxy.injected[fault] > 0, proxy.summary()
+    assert not errors and stats["images"] == n and stats["errors"] == 0
+    assert proxy.object_gets == reads + proxy.injected[fault]  # every faulted read was read again, once
+    assert proxy.client_retries["GET"] == 0  # by the fetch layer, counted: not by botocore
+
+
+@pytest.mark.parametrize("fault", ["slowdown", "internal", "reset"])
+def test_job_writes_every_output_object_once_under_faults(fault, photo_bucket, s3_server, clean_run, out_bucket):
+    """The output on the flaky store, every PUT at risk: run.json, the flags files, stats.parquet and
+    _SUCCESS each arrive once and whole, and the flags are those of a run without faults."""
+    out, n = f"faults-out/job-{fault}", len(photo_bucket["uris"])
+
+    def ours(key: str) -> bool:  # what the run writes through the fetch layer (the output lease has its own rules)
+        return key.endswith((".parquet", "/run.json", f"/{SUCCESS}"))
+
+    with FaultProxy(s3_server["endpoint"], fault, rate=RATE, seed=SEED, methods=("PUT",), only=ours) as proxy:
+        start = time.perf_counter()
+        stats = run_moderation(ModerationConfig(input=photo_bucket["url"], output=f"s3://{out}",
+                                                s3_endpoint=proxy.endpoint, rows_per_file=8, **_JOB))
+        wall = time.perf_counter() - start
+    out_bucket.invalidate_cache()
+    written = sorted(out_bucket.find(out))
+    flags = [p for p in written if p.startswith(f"{out}/flags/") and p.endswith(".parquet")]
+    assert written == sorted([f"{out}/{SUCCESS}", f"{out}/run.json", f"{out}/stats.parquet", *flags])
+    puts = {k: v for k, v in proxy.puts.items() if ours(k)}
+    assert sorted(puts) == written  # every object there was PUT by the run, and no other file of ours
+    rows = [r for f in flags for r in pq.read_table(f, filesystem=out_bucket).to_pylist()]  # each file whole
+    errors = _check_rows(rows, photo_bucket, clean_run)
+    assert pq.read_table(f"{out}/stats.parquet", filesystem=out_bucket).to_pylist()[0]["images"] == n
+    retries = sum(puts.values()) - len(puts)
+    _record(f"{fault} on writes ({sum(puts.values())} PUTs: run.json, {len(flags)} flags files, "
+            "stats.parquet, _SUCCESS)", RATE, proxy, n, len(rows), len(errors), wall, retries=retries)
+    assert not errors and stats["images"] == n and len(flags) >= 4
+    assert proxy.injected[fault] > 0 and retries == proxy.injected[fault], proxy.summary()
+    assert proxy.client_retries["PUT"] == 0  # retried by put, counted: not by botocore
 
 
 # -- an actor or a node killed mid-run -------------------------------------------------------------
