@@ -29,6 +29,7 @@ from ngt_ray.job.outputs import RunOutput, run_config
 from ngt_ray.job.phases import collect, operator_cpu_seconds, start_ledger
 from ngt_ray.job.placement import cluster_nodes
 from ngt_ray.job.plan import DECODERS, JobPlan, ModerationConfig, actor_placement, plan
+from ngt_ray.job.preflight import check_run
 from ngt_ray.job.sources import read_source
 from ngt_ray.job.stages import Moderator, decode_batch, decode_memory, model_actor_memory
 from ngt_ray.job.stats import STATS_COLUMNS, phase_columns, stats_row
@@ -164,7 +165,8 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     a missing bucket is an error), and an earlier attempt's rows are skipped, so a re-run after an
     interruption writes only what is missing.
     """
-    init_ray()
+    check_run(cfg)  # options, input and output, before Ray starts or anything is written (ngt_ray.job.preflight)
+    init_ray(cfg.ray_address)
     # Ray Data's advice for a pool that got fewer blocks than its minimum size (a resumed run with
     # little left) is to split blocks: here a block is one model batch on purpose
     warnings.filterwarnings("ignore", "The minimum number of concurrent actors", UserWarning)

@@ -23,6 +23,7 @@ from ngt_ray.grouptesting.group_size import GroupSize
 from ngt_ray.grouptesting.planning import choose_group_size, expected_cost
 from ngt_ray.job.contracts import ActorSpec
 from ngt_ray.job.placement import Nodes, Placement, PlacementError, actor_placement, cluster_totals
+from ngt_ray.job.preflight import UsageError, check_values
 from ngt_ray.job.stages import decode_memory
 from ngt_ray.nets.checkpoint import (
     DEFAULT_INDIVIDUAL_MODEL,
@@ -155,13 +156,15 @@ class JobPlan:
 
 
 def _validate(cfg: ModerationConfig) -> None:
-    get_algorithm(cfg.algorithm)  # raises, naming the registered ones
+    try:
+        get_algorithm(cfg.algorithm)  # raises, naming the registered ones
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if cfg.decode not in DECODERS:
-        raise ValueError(f"decode must be one of {DECODERS}, got {cfg.decode!r}")
+        raise UsageError(f"decode must be one of {DECODERS}, got {cfg.decode!r}")
     if cfg.runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {RUNTIMES}, got {cfg.runtime!r}")
-    if cfg.batch_size is not None and cfg.batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {cfg.batch_size}")
+        raise UsageError(f"runtime must be one of {RUNTIMES}, got {cfg.runtime!r}")
+    check_values(cfg)  # sizes, counts, the prior: also checked before Ray starts (ngt_ray.job.preflight)
 
 
 def _check_decode_fits(nodes: Nodes, batch: int, size: int) -> None:
