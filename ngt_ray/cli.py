@@ -8,11 +8,15 @@ choices and defaults are declared once, on the config.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import re
 import sys
 import tempfile
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from ngt_ray.cluster.connect import ClusterError, OnDashboard
 from ngt_ray.cluster.jobs import JobConfig, LogsConfig
@@ -67,7 +71,7 @@ def _moderate(args: argparse.Namespace) -> int:
     from ngt_ray.job.pipeline import run_moderation
 
     cfg = from_args(ModerationConfig, args)
-    _init_ray(cfg.ray_address)
+    # run_moderation starts Ray (at --ray-address) after its checks: a refusal is quick
     _print_summary(run_moderation(cfg), cfg.output)
     return 0
 
@@ -203,12 +207,27 @@ _POSITIONALS = {
 _EPILOGS = {"submit": SUBMIT_EPILOG}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, telling a usage error in two lines (what is wrong, where the options are
+    listed) instead of the whole usage, which is twenty lines for ``moderate``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: `{self.prog} --help` lists the options\n")
+
+
+_DEBUG_HELP = "on an error, print the traceback as well as the one-line message"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ngt-ray", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = _Parser(prog="ngt-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, handler, configs in _COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOGS.get(name))
+        # also after the command (and so inside a submitted job's arguments); SUPPRESS keeps the
+        # parent's value when it is not given here
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
         for config, skip in configs:
             add_options(p, config, skip=skip)
         for dest, kwargs in _POSITIONALS.get(name, ()):
@@ -218,33 +237,86 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; on an error, one line on stderr (``--debug``: the traceback before it) and the
+    exit code of its kind: 2 for a usage error (options that cannot run as given: a bad value, an
+    unknown model, an output inside the input, an output that holds another run's results, a plan no
+    cluster node can hold, a cluster refusal), 1 for a run that failed (storage missing, empty,
+    unreadable or unreachable, credentials missing or refused, anything unexpected)."""
     args = build_parser().parse_args(argv)
     chatty = args.verbose or args.command in ("train", "compress", "benchmark")
     logging.basicConfig(level=logging.INFO if chatty else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     try:
         return args.func(args)
-    except Exception as exc:  # a known cause is told in one line; anything else raises as it is
-        cause = _user_error(exc)
-        if cause is None or args.verbose:
-            raise
-        print(f"ngt-ray {args.command}: {cause}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ngt-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        code, message = _failure(exc)
+        if args.debug:
+            traceback.print_exc()
+        print(f"ngt-ray {args.command}: {message}", file=sys.stderr)
+        return code
 
 
-def _user_error(exc: BaseException) -> BaseException | None:
-    """The error a user can act on behind ``exc``, if any: a cluster, output, placement or storage
-    refusal, even when Ray raised it from a task (its cause chain keeps the original)."""
-    from ngt_ray.job.fetch import StorageError
+# OSErrors whose message names the file and says enough: a permission, a read-only disk, a full one
+_DISK_ADVICE = {errno.EACCES: "check its permissions, or choose another --output",
+                errno.EPERM: "check its permissions, or choose another --output",
+                errno.EROFS: "the filesystem is read-only: choose another --output",
+                errno.ENOSPC: "the disk is full: free some space or choose another --output",
+                errno.EDQUOT: "a disk quota is exhausted: free some space or choose another --output",
+                errno.EFBIG: "a file size limit was hit: raise it or choose another --output",
+                errno.ENOTDIR: "a file is where a folder must be", errno.EISDIR: "a folder is where a file must be"}
+# how a Ray task's error names the original exception in its text, when only the text crossed over
+_REMOTE_ERROR = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.MULTILINE)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: its cause or context, and for a Ray task's error the exception it carries."""
+    out: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in out:
+        out.append(seen)
+        seen = getattr(seen, "cause", None) if _from_ray_task(seen) else (seen.__cause__ or seen.__context__)
+    return out
+
+
+def _from_ray_task(exc: BaseException) -> bool:
+    return any(cls.__name__ == "RayTaskError" for cls in type(exc).__mro__)
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the one line (redacted) that tell what went wrong behind ``exc``, even when
+    Ray raised it from a task: its cause chain, or where the chain did not cross, its text."""
+    from ngt_ray.job.fetch import StorageError, clean
     from ngt_ray.job.outputs import OutputError
     from ngt_ray.job.placement import PlacementError
+    from ngt_ray.job.preflight import UsageError
 
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, (ClusterError, OutputError, PlacementError, StorageError)):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    codes: list[tuple[type, int]] = [(UsageError, 2), (OutputError, 2), (PlacementError, 2), (ClusterError, 2),
+                                     (StorageError, 1)]
+    chain = _causes(exc)
+    for seen in chain:
+        if _from_ray_task(seen):  # its str() is the remote traceback: its cause is the message
+            continue
+        for kind, code in codes:
+            if isinstance(seen, kind):
+                return code, clean(str(seen), 600)
+    remote = [m for e in chain if _from_ray_task(e) for m in _REMOTE_ERROR.findall(str(e))]
+    for name, message in remote:
+        module, _, cls_name = name.rpartition(".")
+        cls = getattr(sys.modules.get(module), cls_name, None) if module.startswith("ngt_ray.") else None
+        for kind, code in codes:
+            if isinstance(cls, type) and issubclass(cls, kind):
+                return code, clean(message, 600)
+    for seen in chain:
+        if isinstance(seen, OSError) and seen.errno in _DISK_ADVICE and seen.filename:
+            return 1, clean(f"{seen.strerror}: {seen.filename}; {_DISK_ADVICE[seen.errno]}", 600)
+    name, message = remote[0] if remote else (type(exc).__name__, str(exc))
+    return 1, (f"unexpected error: {name.rpartition('.')[2]}: {clean(message, 400)}; run again with --debug for "
+               "the traceback")
 
 
 if __name__ == "__main__":
