@@ -156,7 +156,8 @@ def single_attempt_client(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileS
     return client
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps (its cause, else its context), each once."""
     out: list[BaseException] = []
     while exc is not None and exc not in out:
         out.append(exc)
@@ -184,7 +185,7 @@ def _endpoint(chain: list[BaseException]) -> str:
 def classify(exc: BaseException) -> tuple[str, str, str]:
     """``(kind, code, reason)`` of a failed read, from the exception and what it wraps (s3fs turns S3
     errors into OSErrors that keep botocore's ClientError as their cause; botocore wraps aiohttp's)."""
-    chain = _chain(exc)
+    chain = exception_chain(exc)
 
     def has(*types: type) -> bool:
         return any(isinstance(e, types) for e in chain)

@@ -46,6 +46,7 @@ from ngt_ray.job.fetch import (
     StorageUnavailable,
     classify,
     clean,
+    exception_chain,
     single_attempt_client,
 )
 from ngt_ray.nets.checkpoint import get_model, list_models
@@ -310,18 +311,10 @@ def _s3_holds(loc: Location, role: str, flag: str, hint: str = "") -> bool:
     raise AssertionError("unreachable")  # every attempt returns or raises
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    while exc is not None and exc not in out:
-        out.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return out
-
-
 def _refusal(exc: BaseException, loc: Location, role: str, flag: str, hint: str) -> Exception:
     """The error, in one line, for a store's refusal to list ``loc``."""
     url, bucket = redact(loc.url), loc.path.split("/", 1)[0]
-    chain = _causes(exc)
+    chain = exception_chain(exc)
     names = {type(e).__name__ for e in chain}
     if names & _NO_CREDENTIALS:
         return BucketError(f"no S3 credentials found for the {role} {url}: set AWS_ACCESS_KEY_ID and "
