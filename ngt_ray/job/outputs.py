@@ -12,6 +12,8 @@ Why it is built this way:
 - **Resume, never duplicate.** The uris already in ``flags/`` are the manifest of finished work. A
   re-run with the same configuration appends only the objects not yet written. A file cut short by
   a kill has no Parquet footer; it is removed and its rows are redone, so no row is counted twice.
+  The driver reads only the files' footers (rows, min and max uri: ``ngt_ray.job.resume``); each read
+  task looks up its own keys in the files whose range holds them, so no one holds every uri.
 - **Never delete what is not yet replaced.** A run with another configuration is refused unless
   ``--overwrite``; then it writes to ``_staging-<config hash>/`` (itself resumable), and only when
   it is complete does it take the place of the old results.
@@ -24,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -33,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ngt_ray.job.fetch import put
+from ngt_ray.job.resume import Finished
 from ngt_ray.storage import Location, require_bucket, resolve
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ class RunOutput:
     root: Location  # <output>
     work: Location  # where this run's flags/ and run.json go: root, or its staging folder
     config: dict[str, Any]
-    done: frozenset[str]  # uris already written by an earlier attempt of this config
+    done: Finished  # what earlier attempts of this config wrote: flags files and their uri ranges, not the uris
     staged: bool
 
     @property
@@ -104,7 +106,7 @@ class RunOutput:
                               "them once this run is complete")
         staged = overwrite and (owner is not None or record is not None)
         work = root.join(f"_staging-{_config_hash(config)}") if staged else root
-        out = cls(root, work, config, frozenset(), staged)
+        out = cls(root, work, config, Finished(), staged)
         out._begin()
         return out
 
@@ -117,23 +119,9 @@ class RunOutput:
             _remove(self.root, "stats.parquet")
         # every write here is one retried put (ngt_ray.job.fetch): complete or absent, on a flaky store too
         put(fs, self.work.join(RUN_RECORD).path, json.dumps(self.config, indent=2, sort_keys=True).encode())
-        self.done = frozenset(self._finished_uris())
+        self.done = Finished.of(self.flags)  # footers only: flat on the driver however many rows
         if self.done:
             log.info("resuming %s: %d objects already written are skipped", self.work.url, len(self.done))
-
-    def _finished_uris(self) -> Iterable[str]:
-        """The uris in complete flag files; a file cut short by a kill is removed (its rows are redone)."""
-        fs = self.flags.fs
-        fs.invalidate_cache()
-        for path in _parquet_files(self.flags):
-            try:
-                table = pq.read_table(path, columns=["uri"], filesystem=self.flags.arrow_fs)
-            except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError: no footer
-                log.warning("removing %s, cut short by an interrupted run (%s); its rows are redone",
-                            self.flags.uri(path), type(exc).__name__)
-                fs.rm(path)
-                continue
-            yield from table.column("uri").to_pylist()
 
     def commit(self, stats: Any) -> None:
         """Present the run: stats.parquet beside its flags, then ``_SUCCESS`` (after swapping in a
@@ -162,12 +150,6 @@ def _read_record(loc: Location) -> dict[str, Any] | None:
         return None
     with loc.fs.open(path) as f:
         return json.load(f)
-
-
-def _parquet_files(loc: Location) -> list[str]:
-    if not loc.fs.exists(loc.path):
-        return []
-    return sorted(p for p in loc.fs.find(loc.path) if p.endswith(".parquet"))
 
 
 def _has_files(loc: Location) -> bool:

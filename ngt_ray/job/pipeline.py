@@ -30,6 +30,7 @@ from ngt_ray.job.phases import collect, operator_cpu_seconds, start_ledger
 from ngt_ray.job.placement import cluster_nodes
 from ngt_ray.job.plan import DECODERS, JobPlan, ModerationConfig, actor_placement, plan
 from ngt_ray.job.preflight import check_run
+from ngt_ray.job.resume import Finished
 from ngt_ray.job.sources import read_source
 from ngt_ray.job.stages import Moderator, decode_batch, decode_memory, model_actor_memory
 from ngt_ray.job.stats import STATS_COLUMNS, phase_columns, stats_row
@@ -77,10 +78,11 @@ def _ordered(ordered: bool) -> Iterator[None]:
         options.preserve_order = before
 
 
-def build(p: JobPlan, skip: frozenset[str] = frozenset()) -> tuple[ray.data.Dataset, int | None]:
+def build(p: JobPlan, skip: Finished | None = None) -> tuple[ray.data.Dataset, int | None]:
     """read -> decode -> moderate: the lazy Ray Data chain of a plan (``write`` consumes it), and
     the objects the listing found (None where nothing is listed; see ``read_source``). ``skip``
-    holds the uris an earlier attempt of the run already wrote."""
+    indexes what earlier attempts of the run wrote (``RunOutput.done``): each read task drops its own
+    rows already written."""
     cfg, tasks = p.cfg, p.placement.task_resources
     paths = manifest_paths(cfg.input_manifest, p.source, key_column=cfg.key_column, s3_endpoint=cfg.s3_endpoint,
                            task_cpus=p.placement.task_cpus) if cfg.input_manifest else None
@@ -110,10 +112,11 @@ def present_run(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, 
         STATS_COLUMNS
     ) if flags.fs.exists(flags.path) and flags.fs.find(flags.path) else ray.data.from_arrow(
         FLAGS_SCHEMA.empty_table())
-    phases = collect(ledger, written.count() - len(out.done))
+    resumed = len(out.done)  # the rows of the flags files it kept, from their footers
+    phases = collect(ledger, written.count() - resumed)
     first = phases["first_output_at"]
     info = {**p.info, **phase_columns(phases, operators, stream_seconds, p.placement),
-            "resumed_rows": len(out.done), "objects": objects,
+            "resumed_rows": resumed, "objects": objects,
             # from the job's start (listing included) to the first model batch's rows: what a
             # bucket-scale listing costs, and what --input-manifest saves
             "seconds_to_first_output": first - started_at if first is not None else float("nan")}

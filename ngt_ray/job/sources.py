@@ -23,12 +23,14 @@ from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
 from ngt_ray.errors import ErrorKind, RowError
 from ngt_ray.job.contracts import error_columns, errors_of
 from ngt_ray.job.fetch import FetchError, clean, fetch
+from ngt_ray.job.resume import Finished
 from ngt_ray.storage import MAX_OBJECT_BYTES, Location, object_too_large
 
 __all__ = ["FORMATS", "IMAGE_SUFFIXES", "Listed", "detect_format", "list_entries", "list_objects", "pick_column",
@@ -91,17 +93,50 @@ def list_entries(loc: Location) -> list[Listed]:
     read, and so is a subfolder that cannot be listed. Listing errors on ``loc`` itself, such as
     bad credentials, are raised, not mistaken for an empty prefix.
     """
-    local = "file" in loc.fs.protocol
-    if loc.fs.isfile(loc.path):
-        return [_local_entry(loc.path) if local else Listed(loc.path, int(loc.fs.size(loc.path)))]
-    if local:
-        entries = list(_walk_local(loc.path)) if os.path.isdir(loc.path) else []
-    else:
-        found = loc.fs.find(loc.path, detail=True)
-        entries = [Listed(path, -1 if info.get("size") is None else int(info["size"])) for path, info in found.items()]
+    entries = sorted(_entries(loc), key=lambda entry: entry.path)
     if not entries and not loc.fs.exists(loc.path):
         raise FileNotFoundError(f"no objects under {loc.url}")
-    return sorted(entries, key=lambda entry: entry.path)
+    return entries
+
+
+def _entries(loc: Location) -> Iterator[Listed]:
+    """``list_entries(loc)``, unsorted, one at a time."""
+    local = "file" in loc.fs.protocol
+    if loc.fs.isfile(loc.path):
+        yield _local_entry(loc.path) if local else Listed(loc.path, int(loc.fs.size(loc.path)))
+    elif local:
+        if os.path.isdir(loc.path):
+            yield from _walk_local(loc.path)
+    else:
+        for path, info in loc.fs.find(loc.path, detail=True).items():
+            yield Listed(path, -1 if info.get("size") is None else int(info["size"]))
+
+
+_LISTING_CHUNK = 2**16  # entries made into Arrow at once
+
+
+def _listing(loc: Location) -> pa.Table:
+    """``list_entries(loc)`` as a ``_LISTED_SCHEMA`` table, made into Arrow a chunk at a time and sorted
+    there: a bucket of millions of objects is never millions of Python objects on the driver."""
+    chunks: list[pa.RecordBatch] = []
+    chunk: list[Listed] = []
+    for entry in _entries(loc):
+        chunk.append(entry)
+        if len(chunk) == _LISTING_CHUNK:
+            chunks.append(_listed_batch(chunk))
+            chunk = []
+    chunks.append(_listed_batch(chunk))
+    table = pa.Table.from_batches(chunks, schema=_LISTED_SCHEMA).combine_chunks()
+    del chunks  # two copies at most while sorting: this one and the sorted one
+    if not table.num_rows and not loc.fs.exists(loc.path):
+        raise FileNotFoundError(f"no objects under {loc.url}")
+    return table.take(pc.sort_indices(table["path"]))  # by UTF-8 bytes: code points, as ``sorted`` orders paths
+
+
+def _listed_batch(entries: list[Listed]) -> pa.RecordBatch:
+    return pa.record_batch([[e.path for e in entries], [e.size for e in entries],
+                            [e.problem and e.problem.message for e in entries],
+                            [e.problem and e.problem.kind.value for e in entries]], schema=_LISTED_SCHEMA)
 
 
 def list_objects(loc: Location) -> list[str]:
@@ -110,23 +145,33 @@ def list_objects(loc: Location) -> list[str]:
 
 
 def _walk_local(root: str) -> Iterator[Listed]:
-    """Every entry under a local folder that is not a folder; symlinks to folders are not followed."""
+    """Every entry under a local folder that is not a folder; symlinks to folders are not followed.
+
+    A folder's entries are yielded as they are read, never held (a folder of millions of objects is
+    not millions of ``DirEntry`` objects at once); one whose listing fails part-way keeps the rows of
+    the entries read before, and gets its own row with the reason."""
     folders = [root]
     while folders:
         folder = folders.pop()
         try:
-            with os.scandir(folder) as found:
-                children = list(found)
+            found = os.scandir(folder)
         except OSError as exc:
             if folder == root:
                 raise
             yield Listed(folder, problem=RowError(ErrorKind.NOT_A_FILE, f"folder cannot be listed ({exc.strerror})"))
             continue
-        for child in children:
-            if child.is_dir(follow_symlinks=False):
-                folders.append(child.path)
-            else:
-                yield _local_entry(child.path)
+        with found:
+            try:
+                for child in found:
+                    if child.is_dir(follow_symlinks=False):
+                        folders.append(child.path)
+                    else:
+                        yield _local_entry(child.path)
+            except OSError as exc:
+                if folder == root:
+                    raise
+                yield Listed(folder, problem=RowError(ErrorKind.NOT_A_FILE,
+                                                      f"folder cannot be listed ({exc.strerror})"))
 
 
 _FILE_TYPES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -370,10 +415,14 @@ def pick_column(names: list[str], wanted: str | None, preferred: tuple[str, ...]
     raise ValueError(f"cannot tell the {what} column of {where} (columns: {names}); name it with --{what}-column")
 
 
-def _unfinished(batch: dict[str, np.ndarray], skip: frozenset[str]) -> dict[str, np.ndarray]:
-    """The rows of ``batch`` whose uri an earlier attempt of the run has not written yet."""
-    keep = np.array([u not in skip for u in batch["uri"]], dtype=bool)
-    return {name: column[keep] for name, column in batch.items()}
+def _unwritten(batch: pa.Table, done: Finished, loc: Location | None = None) -> pa.Table:
+    """The rows of ``batch`` that no earlier attempt of the run wrote, by their ``uri``, or by the
+    ``object_uri`` of their ``path``: ``done`` loads only the flags files whose uri range holds the
+    batch's keys (``ngt_ray.job.resume``). Arrow in and out, so a column keeps its type (an all-null
+    ``problem`` stays strings)."""
+    uris = batch["uri"].to_pylist() if "uri" in batch.column_names else \
+        [loc.object_uri(p) for p in batch["path"].to_pylist()]
+    return batch.filter(pa.array(~done.written(uris)))
 
 
 def _read_listed(batch: dict[str, np.ndarray], loc: Location) -> dict[str, np.ndarray]:
@@ -418,7 +467,7 @@ def read_source(
     image_column: str | None = None,
     key_column: str | None = None,
     paths: ray.data.Dataset | None = None,
-    skip: frozenset[str] = frozenset(),
+    skip: Finished | None = None,
     task_cpus: float = 1.0,
     block_rows: int = _OBJECTS_PER_READ,
 ) -> tuple[ray.data.Dataset, int | None]:
@@ -427,9 +476,9 @@ def read_source(
     nothing is listed on the driver (a manifest, packed inputs whose rows are samples).
 
     ``paths``: a Dataset of ``{"path": ...}`` rows (from a manifest) read instead of listing ``loc``.
-    ``skip``: uris already written by an earlier attempt of the run (never read again where the
-    uri is an object's or a container's error row, filtered before decode where it is a shard's or
-    a table's sample).
+    ``skip``: what earlier attempts of the run wrote (``RunOutput.done``), looked up by each read task
+    for its own keys: an object, or a container whose error row is written, is never read again; a
+    shard's or a table's samples already written are dropped before decode.
     ``task_cpus``: CPUs of each read task (see ``ngt_ray.job.placement``).
     ``block_rows``: listed objects per block at most. A block is what flows to the model actors and
     the writer as one piece, so it is also the smallest piece of work an interrupted run keeps.
@@ -445,18 +494,15 @@ def read_source(
         if paths is None:
             # Listed once on the driver (as Ray's file readers do), then read in batches: Ray's
             # read_binary_files builds a one-row table per object, ~200 us of CPU each.
-            entries = list_entries(loc)
-            listed = len(entries)
-            todo = [{"path": e.path, "size": e.size, "problem": e.problem and e.problem.message,
-                     "problem_kind": e.problem and e.problem.kind} for e in entries
-                    if loc.object_uri(e.path) not in skip]
+            table = _listing(loc)
+            listed = table.num_rows
             # blocks of exactly ``per_read`` entries (from_items would split them evenly: 2000 into
             # 8 x 250), so every later batch of ``block_rows`` is one block: a batch that straddles two
             # blocks is a concatenation, and after decode that copies every pixel of the batch
-            table = pa.Table.from_pylist(todo, schema=_LISTED_SCHEMA)
-            paths = ray.data.from_arrow([table.slice(i, per_read) for i in range(0, max(len(todo), 1), per_read)])
-        elif skip:
-            paths = paths.filter(lambda row: loc.object_uri(row["path"]) not in skip)
+            paths = ray.data.from_arrow([table.slice(i, per_read) for i in range(0, max(listed, 1), per_read)])
+        if skip:  # each block drops its own rows already written, before any read (decode regroups the rest)
+            paths = paths.map_batches(_unwritten, fn_kwargs={"done": skip, "loc": loc}, batch_size=None,
+                                      batch_format="pyarrow", **tasks)
         return paths.map_batches(_read_listed, fn_kwargs={"loc": loc}, batch_size=per_read,
                                  batch_format="numpy", **tasks), listed
     if fmt in _CONTAINERS:
@@ -465,13 +511,17 @@ def read_source(
         entries = _list_containers(loc, fmt)
         columns = _parquet_columns(loc, entries, image_column, key_column) if fmt == "parquet" else None
         todo = [{"path": e.path, "size": e.size, "problem": e.problem and e.problem.message,
-                 "problem_kind": e.problem and e.problem.kind} for e in entries if loc.object_uri(e.path) not in skip]
+                 "problem_kind": e.problem and e.problem.kind} for e in entries]
         table = pa.Table.from_pylist(todo, schema=_LISTED_SCHEMA)
-        ds = ray.data.from_arrow([table.slice(i, 1) for i in range(max(len(todo), 1))]).map_batches(
+        ds = ray.data.from_arrow([table.slice(i, 1) for i in range(max(len(todo), 1))])
+        if skip:  # a container whose error row is written is not read again
+            ds = ds.map_batches(_unwritten, fn_kwargs={"done": skip, "loc": loc}, batch_size=1,
+                                batch_format="pyarrow", **tasks)
+        ds = ds.map_batches(
             _read_containers, fn_kwargs={"loc": loc, "fmt": fmt, "columns": columns, "rows": per_read}, batch_size=1,
             batch_format="numpy", **tasks)
     else:
         raise ValueError(f"input format must be one of {('auto', *FORMATS)}, got {fmt!r}")
     if skip:
-        ds = ds.map_batches(_unfinished, fn_kwargs={"skip": skip}, batch_format="numpy", **tasks)
+        ds = ds.map_batches(_unwritten, fn_kwargs={"done": skip}, batch_format="pyarrow", **tasks)
     return ds, listed
