@@ -188,3 +188,20 @@ def test_packed_and_manifest_inputs_resume_with_every_row_exactly_once(ray_local
     assert again["resumed_rows"] == kept and 0 < kept < planted.count
     assert again["images"] == planted.count and not (out / "flags" / "cut.parquet").exists()
 
+
+def test_the_first_object_of_a_local_folder_is_found_without_listing_it_whole(tmp_path):
+    from ngt_ray.job.sources import _first_object, detect_format
+
+    bucket = tmp_path / "bucket"
+    (bucket / "b" / "deeper").mkdir(parents=True)
+    (bucket / "a").mkdir()
+    for name in ("b/z.tar", "b/c.tar", "b/_meta.tar", "b/deeper/a.tar", "a/.hidden.tar", "a/x.parquet"):
+        (bucket / name).write_bytes(b"x")
+    loc = resolve(str(bucket))
+    # folders top-down and in order of name; in a folder, the smallest visible name
+    assert _first_object(loc) == str(bucket / "a" / "x.parquet") and detect_format(loc) == "parquet"
+    assert _first_object(loc, ".tar") == str(bucket / "b" / "c.tar")
+    (bucket / "top.jpg").write_bytes(b"x")
+    assert _first_object(loc) == str(bucket / "top.jpg") and detect_format(loc) == "images"
+    with pytest.raises(FileNotFoundError, match="no .png files under"):
+        _first_object(loc, ".png")

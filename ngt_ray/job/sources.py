@@ -45,16 +45,43 @@ _IMAGE_COLUMNS = ("image", "bytes", "jpg", "jpeg", "png", "img", "content")
 def _first_object(loc: Location, suffix: str = "") -> str:
     """The first visible object under ``loc`` (``loc`` itself if it is a file), ending in ``suffix``.
 
-    ``fs.walk`` is lazy, so this stays cheap on a bucket of a billion objects; listing errors such
-    as bad credentials are raised, not mistaken for an empty prefix.
+    ``fs.walk`` is lazy across folders, so this stays cheap on a bucket of a billion objects; a local
+    folder is read an entry at a time (fsspec's walk would hold a detailed entry per file of a flat
+    folder: a million files, most of a GiB on the driver). Listing errors such as bad credentials
+    are raised, not mistaken for an empty prefix.
     """
     if loc.fs.isfile(loc.path):
         return loc.path
+    if "file" in loc.fs.protocol:
+        found = _first_local(loc.path, suffix)
+        if found is not None:
+            return found
+        raise FileNotFoundError(f"no {suffix or 'objects'}{' files' if suffix else ''} under {loc.url}")
     for root, _dirs, files in loc.fs.walk(loc.path, on_error="raise"):
         for f in sorted(files):
             if f.endswith(suffix) and not f.startswith((".", "_")):
                 return f"{root}/{f}"
     raise FileNotFoundError(f"no {suffix or 'objects'}{' files' if suffix else ''} under {loc.url}")
+
+
+def _first_local(root: str, suffix: str) -> str | None:
+    """``_first_object`` under a local folder: the smallest visible name ending in ``suffix`` of the
+    first folder that has one, folders top-down and in order of name (links to folders not followed)."""
+    folders = [root]
+    while folders:
+        folder = folders.pop(0)
+        best, below = None, []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    below.append(entry.path)
+                elif entry.name.endswith(suffix) and not entry.name.startswith((".", "_")) and \
+                        (best is None or entry.name < best):
+                    best = entry.name
+        if best is not None:
+            return f"{folder}/{best}"
+        folders[:0] = sorted(below)
+    return None
 
 
 def detect_format(loc: Location) -> str:
