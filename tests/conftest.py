@@ -26,7 +26,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 # A test that uses any of these is end to end (Ray, real photos, a real S3 server); the rest are
 # unit tests: no Ray, no photos, seconds.
-_E2E_FIXTURES = {"ray_local", "caltech", "planted", "s3_server", "real_scenes", "ray_head_cluster"}
+_E2E_FIXTURES = {"ray_local", "caltech", "planted", "s3_server", "real_scenes", "ray_head_cluster", "moto_s3"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -133,6 +133,20 @@ def s3_server(tmp_path_factory):
     yield {"endpoint": f"http://127.0.0.1:{port}", "root": root}
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """moto's S3 server on loopback, for what needs conditional writes: it answers a PutObject with
+    ``If-None-Match: *`` on an existing key, or ``If-Match`` with another ETag, with 412
+    PreconditionFailed, as AWS S3 does; ``rclone serve s3`` (``s3_server``) ignores both and overwrites."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"endpoint": f"http://{host}:{port}"}
+    server.stop()
 
 
 def _free_ports(n: int) -> list[int]:
