@@ -71,7 +71,7 @@ def _moderate(args: argparse.Namespace) -> int:
     from ngt_ray.job.pipeline import run_moderation
 
     cfg = from_args(ModerationConfig, args)
-    # run_moderation starts Ray (at --ray-address) after its checks: a refusal is quick
+    # run_moderation starts Ray (at --ray-address) after its checks, holding the output's lease: a refusal is quick
     _print_summary(run_moderation(cfg), cfg.output)
     return 0
 

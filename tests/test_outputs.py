@@ -45,8 +45,10 @@ def test_a_run_killed_halfway_resumes_with_every_object_exactly_once_and_no_work
     options = ["--input", str(big_bucket), "--output", str(out), "--batch-size", "8", "--group-size", "8",
                "--rows-per-file", "8", "--no-measure-time"]
     address = ray_local.get_runtime_context().gcs_address
+    # a short lease (ngt_ray.job.lease): the killed driver's blocks the output for seconds, not a minute
     driver = subprocess.Popen([sys.executable, "-m", "ngt_ray.cli", "moderate", *options, "--ray-address", address],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                              env={**os.environ, "NGT_RAY_LEASE_TTL": "5"})
     try:  # kill the driver (-9) once some flags are written, long before all of them are
         deadline = time.monotonic() + 300
         while not list((out / "flags").glob("*.parquet")):
@@ -62,7 +64,7 @@ def test_a_run_killed_halfway_resumes_with_every_object_exactly_once_and_no_work
     time.sleep(2)  # the killed job's actors wind down
 
     stats = run_moderation(ModerationConfig(input=str(big_bucket), output=str(out), batch_size=8, group_size=8,
-                                            measure_time=False))
+                                            measure_time=False, wait_for_lease=True))  # till the kill's expires
     uris = _flag_uris(out)
     listed = _bucket_uris(big_bucket)
     print(f"\nresume: {stats['resumed_rows']} of {len(listed)} rows kept from the killed run, "

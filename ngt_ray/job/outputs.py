@@ -6,6 +6,7 @@ Layout of ``<output>``:
     flags/*.parquet   one row per input object; files are only ever added by a run of that config
     stats.parquet     describes every row in flags/ (rewritten at the end of each run)
     _SUCCESS          written last: until it exists, nothing here is presented as complete
+    _LEASE.json       the lease of the run writing here (ngt_ray.job.lease): there only while one runs
 
 Why it is built this way:
 
@@ -18,6 +19,8 @@ Why it is built this way:
   ``--overwrite``; then it writes to ``_staging-<config hash>/`` (itself resumable), and only when
   it is complete does it take the place of the old results.
 - **No new buckets by accident.** On an object store the bucket must exist: a typo is an error.
+- **One writer.** A run holds ``_LEASE.json`` here from ``open`` to its end (``ngt_ray.job.lease``):
+  a second run into the same output refuses, or waits for it, rather than write every object twice.
 """
 
 from __future__ import annotations
@@ -39,11 +42,12 @@ from ngt_ray.storage import Location, require_bucket, resolve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OutputError", "RunOutput", "run_config"]
+__all__ = ["OutputError", "RunOutput", "output_location", "run_config"]
 
 # Options that change where and how fast a run goes, never its rows: a resume may change them.
 _OPERATIONAL = frozenset({"ray_address", "max_actors", "actors_per_gpu", "measure_time", "overwrite", "output",
-                          "extra_info", "actor_start_timeout", "ordered", "batch_size", "rows_per_file"})
+                          "extra_info", "actor_start_timeout", "ordered", "batch_size", "rows_per_file",
+                          "wait_for_lease"})
 SUCCESS = "_SUCCESS"
 RUN_RECORD = "run.json"
 
@@ -83,6 +87,7 @@ class RunOutput:
     config: dict[str, Any]
     done: Finished  # what earlier attempts of this config wrote: flags files and their uri ranges, not the uris
     staged: bool
+    lease: Any = None  # the run's OutputLease (ngt_ray.job.lease), held from open until the run ends
 
     @property
     def flags(self) -> Location:
@@ -90,10 +95,10 @@ class RunOutput:
 
     @classmethod
     def open(cls, output: str, config: dict[str, Any], s3_endpoint: str | None = None,
-             overwrite: bool = False) -> RunOutput:
-        root = resolve(output, s3_endpoint)
-        require_bucket(root, "output", OutputError, hint="; create it first: ngt-ray never creates buckets, so a "
-                                                         "typo cannot make a new one")
+             overwrite: bool = False, lease: Any = None) -> RunOutput:
+        root = output_location(output, s3_endpoint)
+        if lease is not None:  # one writer per output: taken before anything here is read or written
+            lease.acquire(root)
         record = _read_record(root)
         if record is not None and record != config:
             owner = f"the results of another configuration ({_differences(record, config)})"
@@ -106,7 +111,7 @@ class RunOutput:
                               "them once this run is complete")
         staged = overwrite and (owner is not None or record is not None)
         work = root.join(f"_staging-{_config_hash(config)}") if staged else root
-        out = cls(root, work, config, Finished(), staged)
+        out = cls(root, work, config, Finished(), staged, lease)
         out._begin()
         return out
 
@@ -126,6 +131,8 @@ class RunOutput:
     def commit(self, stats: Any) -> None:
         """Present the run: stats.parquet beside its flags, then ``_SUCCESS`` (after swapping in a
         staged run, which only now deletes the results it replaces)."""
+        if self.lease is not None:  # never presented beside another run: the lease must still be this run's
+            self.lease.check()
         fs = self.root.fs
         if self.staged:
             _remove(self.root, SUCCESS)
@@ -141,6 +148,14 @@ class RunOutput:
         pq.write_table(stats, table)
         put(fs, self.root.join("stats.parquet").path, table.getvalue().to_pybytes())
         put(fs, self.root.join(SUCCESS).path, b"")
+
+
+def output_location(output: str, s3_endpoint: str | None = None) -> Location:
+    """``output`` resolved, with its bucket checked (on an object store it must exist)."""
+    root = resolve(output, s3_endpoint)
+    require_bucket(root, "output", OutputError, hint="; create it first: ngt-ray never creates buckets, so a "
+                                                     "typo cannot make a new one")
+    return root
 
 
 def _read_record(loc: Location) -> dict[str, Any] | None:

@@ -24,12 +24,13 @@ import ray.data
 from ngt_ray.grouptesting.cost_table import StageCosts
 from ngt_ray.job.contracts import FLAGS_SCHEMA
 from ngt_ray.job.fetch import BucketError, retrying_writes
+from ngt_ray.job.lease import OutputLease
 from ngt_ray.job.manifests import manifest_paths
-from ngt_ray.job.outputs import RunOutput, run_config
+from ngt_ray.job.outputs import RunOutput, output_location, run_config
 from ngt_ray.job.phases import collect, operator_cpu_seconds, start_ledger
 from ngt_ray.job.placement import cluster_nodes
 from ngt_ray.job.plan import DECODERS, JobPlan, ModerationConfig, actor_placement, plan
-from ngt_ray.job.preflight import check_run
+from ngt_ray.job.preflight import check_run, no_new_folder_on_failure
 from ngt_ray.job.resume import Finished
 from ngt_ray.job.sources import read_source
 from ngt_ray.job.stages import Moderator, decode_batch, decode_memory, model_actor_memory
@@ -162,13 +163,23 @@ def init_ray(address: str | None = None) -> None:
 
 
 def run_moderation(cfg: ModerationConfig) -> dict:
-    """Run the job end to end and return the stats row as a dict.
+    """Run the job end to end and return the stats row as a dict, holding the output's lease
+    (``ngt_ray.job.lease``) from before anything there is read until the run ends, however it ends:
+    a second run into the same output refuses, or waits for it (``--wait-for-lease``)."""
+    check_run(cfg)  # options, input and output, before Ray starts or anything is written (ngt_ray.job.preflight)
+    with (no_new_folder_on_failure(cfg),  # a refused run leaves no output folder behind
+          OutputLease(wait=cfg.wait_for_lease) as lease):  # released however the run ends; a lost one stops it
+        lease.acquire(output_location(cfg.output, cfg.s3_endpoint))  # before Ray starts: a refusal takes seconds
+        return _moderate(cfg, lease)
+
+
+def _moderate(cfg: ModerationConfig, lease: OutputLease) -> dict:
+    """The job end to end, under ``lease``; its stats row as a dict.
 
     The output location is claimed first (``RunOutput.open``: another config's results are refused,
     a missing bucket is an error), and an earlier attempt's rows are skipped, so a re-run after an
     interruption writes only what is missing.
     """
-    check_run(cfg)  # options, input and output, before Ray starts or anything is written (ngt_ray.job.preflight)
     init_ray(cfg.ray_address)
     # Ray Data's advice for a pool that got fewer blocks than its minimum size (a resumed run with
     # little left) is to split blocks: here a block is one model batch on purpose
@@ -177,7 +188,7 @@ def run_moderation(cfg: ModerationConfig) -> dict:
     p = plan(cfg, cluster_nodes())
     if cfg.input_manifest:  # nothing is listed on the driver: a wrong input bucket must still stop the run here
         require_bucket(p.source, "input", BucketError)
-    out = RunOutput.open(cfg.output, run_config(cfg), cfg.s3_endpoint, overwrite=cfg.overwrite)
+    out = RunOutput.open(cfg.output, run_config(cfg), cfg.s3_endpoint, overwrite=cfg.overwrite, lease=lease)
     if cfg.measure_time:
         p = p.with_seconds(ray.get(ray.remote(_measure_seconds).options(**p.placement.resources).remote(p)))
         _wait_for_a_free_cpu()  # the timing task's

@@ -107,6 +107,9 @@ class ModerationConfig(OnCluster):
                                       "interruption keeps")
     overwrite: bool = option(False, "replace results of another configuration at --output (only once this "
                                     "run is complete; without it such a run is refused)")
+    wait_for_lease: bool = option(False, "where another run is writing to --output (holds its lease), wait until "
+                                         "it ends or its lease expires, then resume after it (without it such a "
+                                         "run is refused)")
     actor_start_timeout: float = option(600.0, "seconds to wait for the first model actor to start before failing "
                                                "with a clear error (an autoscaling cluster may need minutes)")
     extra_info: dict = option({}, cli=False)
