@@ -23,6 +23,7 @@ import boto3
 import botocore.exceptions
 import pyarrow.parquet as pq
 import pytest
+from processes import kill_once
 
 from ngt_ray.job.lease import (
     LEASE,
@@ -347,17 +348,12 @@ def test_a_killed_holders_lease_blocks_the_output_until_it_expires_then_one_run_
     small = ["--batch-size", "4", "--group-size", "4", "--rows-per-file", "4"]  # many files: killed mid-run
     killed = _moderate(planted, root, extra, address, *small, ttl=ttl)
     flags = root.join("flags")
-    try:  # kill -9 once it writes flags, before it is done
-        deadline = time.monotonic() + 300
-        while not (root.fs.invalidate_cache() or root.fs.exists(flags.path) and root.fs.find(flags.path)):
-            assert killed.poll() is None, killed.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no flags were written in 5 minutes"
-            time.sleep(0.1)
-        os.killpg(killed.pid, signal.SIGKILL)
-        killed.wait(timeout=30)
-    finally:
-        if killed.poll() is None:
-            os.killpg(killed.pid, signal.SIGKILL)
+
+    def some_flags() -> bool:
+        root.fs.invalidate_cache()
+        return root.fs.exists(flags.path) and bool(root.fs.find(flags.path))
+
+    kill_once(killed, some_flags)  # kill -9 once it writes flags, before it is done
     assert SUCCESS not in _names(root)
     dead = _lease_holder(root)
     assert dead is not None and dead.pid == killed.pid and dead.expires > time.time()  # left behind, still live

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from processes import kill_once
 
 from ngt_ray.job.fetch import BucketError
 from ngt_ray.job.outputs import SUCCESS, OutputError, RunOutput, run_config
@@ -49,17 +49,8 @@ def test_a_run_killed_halfway_resumes_with_every_object_exactly_once_and_no_work
     driver = subprocess.Popen([sys.executable, "-m", "ngt_ray.cli", "moderate", *options, "--ray-address", address],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                               env={**os.environ, "NGT_RAY_LEASE_TTL": "5"})
-    try:  # kill the driver (-9) once some flags are written, long before all of them are
-        deadline = time.monotonic() + 300
-        while not list((out / "flags").glob("*.parquet")):
-            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no flags were written in 5 minutes"
-            time.sleep(0.1)
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    # kill the driver (-9) once some flags are written, long before all of them are
+    kill_once(driver, lambda: any((out / "flags").glob("*.parquet")))
     assert not (out / SUCCESS).exists() and not (out / "stats.parquet").exists()  # not presented as complete
     time.sleep(2)  # the killed job's actors wind down
 
