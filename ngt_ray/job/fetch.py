@@ -141,7 +141,12 @@ class Fetched:
 
 def single_attempt_client(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
     """The same filesystem making one attempt per read (S3: no botocore or s3fs retries, and no HEAD
-    before each GET, which s3fs sends to decide on a chunked read); other filesystems as they are."""
+    before each GET, which s3fs sends to decide on a chunked read); other filesystems as they are.
+
+    A new S3 client costs a session and its connections: a caller making many small reads or writes
+    (the report's thumbnails) makes one client here and passes it on; it is used as it is."""
+    if getattr(fs, "single_attempt", False):
+        return fs
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if not protocols & {"s3", "s3a"}:  # not S3: s3fs need not even be installed
         return fs
@@ -153,6 +158,7 @@ def single_attempt_client(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileS
     config = {**options.get("config_kwargs", {}), "retries": {"total_max_attempts": 1, "mode": "standard"}}
     client = type(fs)(**{**options, "config_kwargs": config, "max_concurrency": 1}, skip_instance_cache=True)
     client.retries = 1  # s3fs's own loop around each call
+    client.single_attempt = True
     return client
 
 

@@ -34,7 +34,7 @@ from ngt_ray.job.resume import Finished
 from ngt_ray.storage import MAX_OBJECT_BYTES, Location, object_too_large
 
 __all__ = ["FORMATS", "IMAGE_SUFFIXES", "Listed", "detect_format", "list_entries", "list_objects", "pick_column",
-           "read_source"]
+           "read_samples", "read_source"]
 
 FORMATS = ("images", "webdataset", "parquet")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
@@ -409,6 +409,19 @@ def _read_containers(batch: dict[str, np.ndarray], loc: Location, fmt: str, colu
         if uris:
             yield _rows(uris, blobs, [None] * (len(uris) - (error is not None)) +
                         ([RowError(ErrorKind.READ, error)] if error is not None else []))
+
+
+def read_samples(loc: Location, containers: list[str], *, image_column: str | None = None,
+                 key_column: str | None = None) -> Iterator[tuple[str, bytes, RowError | None]]:
+    """``(uri, image bytes, error)`` of every sample of whole containers (WebDataset shards, or Parquet
+    files by their suffix), read and named as the job reads and names them (``container#key``): for
+    tools that look a packed sample up by its uri, such as the report's thumbnails."""
+    for path in containers:
+        fmt = "parquet" if path.endswith(".parquet") else "webdataset"
+        columns = _parquet_columns(loc, [Listed(path)], image_column, key_column) if fmt == "parquet" else None
+        batch = {"path": [path], "size": [-1], "problem": [None], "problem_kind": [None]}
+        for rows in _read_containers(batch, loc, fmt, columns):
+            yield from zip(rows["uri"], rows["bytes"], errors_of(rows["error"], rows["error_kind"]))
 
 
 def _parquet_columns(loc: Location, entries: list[Listed], image_column: str | None,
