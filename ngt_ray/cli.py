@@ -16,7 +16,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from ngt_ray.cluster.connect import ClusterError, OnDashboard
 from ngt_ray.cluster.jobs import JobConfig, LogsConfig
@@ -29,13 +29,17 @@ from ngt_ray.tools.calibrate import CalibrateConfig
 from ngt_ray.tools.compress import CompressConfig
 from ngt_ray.tools.demo import DemoConfig
 from ngt_ray.tools.evaluate import EvaluationConfig
+from ngt_ray.tools.report import ReportConfig
 from ngt_ray.tools.train import TrainConfig
+
+if TYPE_CHECKING:
+    from ngt_ray.report import Report
 
 __all__ = ["build_parser", "main"]
 
 # the demo makes its own bucket and output folder
 _DEMO_SKIPS = ("input", "output", "input_format", "image_column", "key_column", "s3_endpoint", "input_manifest",
-               "overwrite")
+               "overwrite", "report")  # and it always builds the report
 
 
 def _print_summary(stats: dict, output: str) -> None:
@@ -72,7 +76,38 @@ def _moderate(args: argparse.Namespace) -> int:
 
     cfg = from_args(ModerationConfig, args)
     # run_moderation starts Ray (at --ray-address) after its checks, holding the output's lease: a refusal is quick
-    _print_summary(run_moderation(cfg), cfg.output)
+    stats = run_moderation(cfg)
+    _print_summary(stats, cfg.output)
+    if cfg.report:  # after _SUCCESS: the page shows what the run presented
+        from ngt_ray.report import build_report
+
+        _print_report(build_report(cfg.output, s3_endpoint=cfg.s3_endpoint), opened=False)
+    return 0
+
+
+def _print_report(report: Report, opened: bool) -> None:
+    from ngt_ray.report.build import local_copy
+
+    where = local_copy(report).as_uri() if opened else report.index
+    parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in report.seconds_by_part.items())
+    print(f"report: {where} ({report.thumbnails} images shown, {report.without_thumbnail} without a thumbnail; "
+          f"built in {report.seconds:.1f} s: {parts})")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ngt_ray.job.preflight import UsageError
+    from ngt_ray.report import build_report
+
+    cfg = from_args(ReportConfig, args)
+    if not cfg.output:
+        raise UsageError("name the run's output folder or URL: ngt-ray report <output>")
+    if cfg.max_thumbnails < 0 or cfg.near_threshold < 0:
+        raise UsageError("--max-thumbnails and --near-threshold must be 0 or more")
+    if cfg.ray_address:  # big runs make their thumbnails in Ray tasks: on this cluster
+        _init_ray(cfg.ray_address)
+    report = build_report(cfg.output, s3_endpoint=cfg.s3_endpoint, max_thumbnails=cfg.max_thumbnails,
+                          near_threshold=cfg.near_threshold)
+    _print_report(report, opened=cfg.open)
     return 0
 
 
@@ -134,13 +169,16 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"bucket: {bucket.count} photos at {bucket.root}, {len(bucket.positives)} planted positives")
     output = str(work / "results")
     # the bucket was just rebuilt: its earlier results (same folder, same config) no longer apply
-    cfg = from_args(ModerationConfig, args, input=str(bucket.root), output=output, overwrite=True)
+    cfg = from_args(ModerationConfig, args, input=str(bucket.root), output=output, overwrite=True, report=True)
     _init_ray(cfg.ray_address)
     stats = run_moderation(cfg)
     recall, hits = recall_of(Path(output) / "flags", bucket.positives)
     _print_summary(stats, output)
     print(f"recall of planted positives: {hits}/{len(bucket.positives)} = {recall:.1%}; "
           f"false positives: {stats['flagged'] - hits}; compute_saving: {stats['compute_saving']:.3f}")
+    from ngt_ray.report import build_report
+
+    _print_report(build_report(output), opened=True)
     return 0
 
 
@@ -188,6 +226,8 @@ _COMMANDS = (
      [(BenchmarkConfig, ())]),
     ("demo", "plant positives in a local bucket of real photos and moderate it", _demo,
      [(DemoConfig, ()), (ModerationConfig, _DEMO_SKIPS)]),
+    ("report", "the review page of a finished run: flagged thumbnails, scores, plots, errors, labels.csv export",
+     _report, [(ReportConfig, ())]),
     ("submit", f"run {', '.join(SUBMITTABLE)} as a job on a Ray cluster: submit [options] <verb> <its options>",
      _submit, [(SubmitConfig, ())]),
     ("status", "a submitted job's status", _status, [(JobConfig, ())]),
@@ -203,6 +243,7 @@ _POSITIONALS = {
     "submit": [("verb", {"nargs": "?", "help": f"one of {', '.join(SUBMITTABLE)}"}),
                ("verb_args", {"nargs": argparse.REMAINDER, "help": "the verb's options, as it takes them here"})],
     "status": [_JOB_ID], "logs": [_JOB_ID], "stop": [_JOB_ID],
+    "report": [("output", {"nargs": "?", "help": "the run's --output: a folder or an s3:// (any fsspec) URL"})],
 }
 _EPILOGS = {"submit": SUBMIT_EPILOG}
 

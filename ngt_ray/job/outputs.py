@@ -47,7 +47,7 @@ __all__ = ["OutputError", "RunOutput", "output_location", "run_config"]
 # Options that change where and how fast a run goes, never its rows: a resume may change them.
 _OPERATIONAL = frozenset({"ray_address", "max_actors", "actors_per_gpu", "measure_time", "overwrite", "output",
                           "extra_info", "actor_start_timeout", "ordered", "batch_size", "rows_per_file",
-                          "wait_for_lease"})
+                          "wait_for_lease", "report"})
 SUCCESS = "_SUCCESS"
 RUN_RECORD = "run.json"
 

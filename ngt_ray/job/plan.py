@@ -107,6 +107,8 @@ class ModerationConfig(OnCluster):
                                       "interruption keeps")
     overwrite: bool = option(False, "replace results of another configuration at --output (only once this "
                                     "run is complete; without it such a run is refused)")
+    report: bool = option(False, "when the run ends, write its review page to <output>/report/index.html "
+                                 "(ngt-ray report)")
     wait_for_lease: bool = option(False, "where another run is writing to --output (holds its lease), wait until "
                                          "it ends or its lease expires, then resume after it (without it such a "
                                          "run is refused)")
