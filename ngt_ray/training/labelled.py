@@ -17,6 +17,7 @@ report can say where every split's images come from.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -204,7 +205,13 @@ class LabelledSet:
 
 def labelled_photos(photos: Photos) -> LabelledSet:
     """The labelled photos a command's ``Photos`` options name: ``--manifest``, else
-    ``--positives``/``--negatives``, else Caltech-101 under ``--data`` (or the shared default)."""
+    ``--positives``/``--negatives``, else Caltech-101 under ``--data`` (or the shared default).
+
+    ``--s3-endpoint`` becomes this process's S3 endpoint (``AWS_ENDPOINT_URL_S3``, as botocore reads
+    it): the photos' bytes are read again wherever training needs them (embedding, degraded copies,
+    copy-paste), each by its uri alone, and every such read must reach the same store."""
+    if photos.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = photos.s3_endpoint
     if photos.manifest and (photos.positives or photos.negatives):
         raise ValueError("give --manifest or --positives/--negatives, not both")
     if photos.manifest:
