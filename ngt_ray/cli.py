@@ -169,7 +169,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"bucket: {bucket.count} photos at {bucket.root}, {len(bucket.positives)} planted positives")
     output = str(work / "results")
     # the bucket was just rebuilt: its earlier results (same folder, same config) no longer apply
-    cfg = from_args(ModerationConfig, args, input=str(bucket.root), output=output, overwrite=True, report=True)
+    cfg = from_args(ModerationConfig, args, input=str(bucket.root), output=output, overwrite=True)
     _init_ray(cfg.ray_address)
     stats = run_moderation(cfg)
     recall, hits = recall_of(Path(output) / "flags", bucket.positives)
