@@ -16,8 +16,8 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 
 DEMO = "python3.11 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/ngt-ray demo"
-TESTS = ("python3.11 -m venv .venv && .venv/bin/pip install -e '.[test]' && "
-         ".venv/bin/python -m pytest -q tests")
+TESTS = ("(command -v chromium || apt-get install -y chromium) && python3.11 -m venv .venv && "
+         ".venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest -q tests")
 
 # `ngt_ray.job.plan.plan`: a module path, possibly followed by attributes
 DOTTED = re.compile(r"(?<![\w./-])ngt_ray(?:\.[A-Za-z_]\w*)+")
