@@ -6,7 +6,7 @@
   (read, decode, screen, confirm, write);
 * ``rounds``: what each round of the algorithm decided and what it cost: images cleared by the first
   group tests, by the retests of smaller groups, and scored by the individual model, beside the
-  seconds each round took.
+  seconds the screen's per-image stages (``embed``), each round and the confirmation took.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def _rounds(results: RunResults) -> plt.Figure:
     left.bar([name for name, _ in steps], [n for _, n in steps], color=["#55a868", "#8fc79b", "#c44e52"])
     left.set_ylabel("images")
     left.set_title("Where images were decided", fontsize=9)
-    rounds = [name for name in ("round_1", "round_2", "round_3", "round_4plus", "confirm")
+    # embed: the screen's per-image early stages, paid once per image before any group is merged
+    rounds = [name for name in ("embed", "round_1", "round_2", "round_3", "round_4plus", "confirm")
               if stats.get(f"seconds_{name}")]
     right.bar([name.replace("_", " ") for name in rounds], [float(stats[f"seconds_{name}"]) for name in rounds],
               color=["#c44e52" if name == "confirm" else "#55a868" for name in rounds])
