@@ -26,7 +26,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 # A test that uses any of these is end to end (Ray, real photos, a real S3 server); the rest are
 # unit tests: no Ray, no photos, seconds.
-_E2E_FIXTURES = {"ray_local", "caltech", "planted", "s3_server", "real_scenes", "ray_head_cluster", "moto_s3"}
+_E2E_FIXTURES = {"ray_local", "caltech", "planted", "s3_server", "real_scenes", "ray_head_cluster", "moto_s3",
+                 "chromium"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -133,6 +134,15 @@ def s3_server(tmp_path_factory):
     yield {"endpoint": f"http://127.0.0.1:{port}", "root": root}
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, for rendering reports (tests/browser.py)."""
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail("chromium not found: install Debian's chromium package (.ci/run installs it when missing)")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from browser import opened, rendered
 
 
-def test_the_demo_runs_with_a_quiet_console(caltech, tmp_path):
+def test_the_demo_runs_with_a_quiet_console_and_ends_with_its_report(caltech, chromium, tmp_path):
     env = {**os.environ, "NGT_RAY_DATA": str(caltech.parent)}
     for name in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS"):  # a fresh local Ray, as on a new machine
         env.pop(name, None)
@@ -27,6 +28,9 @@ def test_the_demo_runs_with_a_quiet_console(caltech, tmp_path):
     page = re.search(r"^report: file://(\S+/index\.html) ", done.stdout.splitlines()[-1])
     assert page, done.stdout
     flagged = pq.read_table(tmp_path / "results" / "stats.parquet")["flagged"][0].as_py()
-    assert Path(page.group(1)).read_text().count('data-flagged="1"') == flagged
+    with opened(Path(page.group(1)), chromium) as (browser_page, _):  # rendered: thumbnails and plots decoded
+        shown = rendered(browser_page)
+    assert len(shown["flagged"]) == flagged and all(width > 0 for _, width in shown["flagged"]), shown
+    assert len(shown["plots"]) == 3 and all(width > 0 for _, width in shown["plots"]), shown
     warnings = [line for line in console.splitlines() if "warning" in line.lower()]
     assert not warnings, "\n".join(warnings)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+from browser import opened, rendered
 
 from ngt_ray.job.pipeline import ModerationConfig, run_moderation
 from ngt_ray.report import build_report, thumbnails
@@ -23,19 +23,7 @@ from ngt_ray.storage import resolve
 from ngt_ray.tools.demo import build_bucket
 from ngt_ray.training.labelled import LabelledSet
 
-# Debian's chromium, as the probe of this machine kind runs it: headless, and without the background
-# connections a closed network refuses
-_CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 _CLI = str(Path(sys.executable).with_name("ngt-ray"))
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.fail("chromium not found: install Debian's chromium package (.ci/run installs it when missing)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -68,27 +56,16 @@ def reviewed(ray_local, caltech, s3_server, tmp_path_factory) -> dict:
 
 def test_the_report_renders_every_flagged_image_and_exports_labels_that_train_a_model(reviewed, chromium,
                                                                                      tmp_path):
-    from playwright.sync_api import sync_playwright
-
     index, flags = reviewed["index"], reviewed["flags"]
     flagged = sorted((r for r in flags if r["flagged"]), key=lambda r: -r["score"])
     assert flagged and reviewed["positives"] & {r["uri"] for r in flagged}  # the run found planted revolvers
     folder = index.parent.as_uri() + "/"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=_CHROMIUM_ARGS)
-        page = browser.new_page(accept_downloads=True, viewport={"width": 1300, "height": 1000})
-        requests: list[str] = []
-        page.on("request", lambda request: requests.append(request.url))
-        page.goto(index.as_uri())
-        page.wait_for_load_state("load")
-        cards = page.eval_on_selector_all(
-            "#flagged-sheet .card", "cs => cs.map(c => [c.dataset.uri, c.querySelector('img')?.naturalWidth ?? 0])")
-        assert [uri for uri, _ in cards] == [r["uri"] for r in flagged]  # highest score first, every one
-        assert all(width > 0 for _, width in cards), cards  # each with its thumbnail, decoded
-        plots = page.eval_on_selector_all(".plots img",
-                                          "imgs => imgs.map(i => [i.getAttribute('src'), i.naturalWidth])")
-        assert sorted(src for src, _ in plots) == ["plots/phases.png", "plots/rounds.png", "plots/scores.png"]
-        assert all(width > 0 for _, width in plots), plots
+    with opened(index, chromium) as (page, requests):
+        shown = rendered(page)
+        assert [uri for uri, _ in shown["flagged"]] == [r["uri"] for r in flagged]  # highest score first, every one
+        assert all(width > 0 for _, width in shown["flagged"]), shown  # each with its thumbnail, decoded
+        assert sorted(src for src, _ in shown["plots"]) == ["plots/phases.png", "plots/rounds.png", "plots/scores.png"]
+        assert all(width > 0 for _, width in shown["plots"]), shown
         assert page.inner_text("#errors-table").count("broken.jpg") == 1
         page.screenshot(path=tmp_path / "report.png", full_page=True)
 
@@ -111,7 +88,6 @@ def test_the_report_renders_every_flagged_image_and_exports_labels_that_train_a_
             page.click(".tools[data-sheet='flagged-sheet'] .export")
         labels = tmp_path / "labels.csv"
         download.value.save_as(labels)
-        browser.close()
     assert all(url.startswith(folder) or url.startswith("data:") for url in requests), requests  # nothing left it
     with labels.open(newline="") as f:
         assert {row["uri"]: int(row["label"]) for row in csv.DictReader(f)} == verdicts
