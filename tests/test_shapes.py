@@ -144,10 +144,15 @@ def test_compiled_actors_on_a_node_share_one_compile_cache(tmp_path):
     import sys
 
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
-    runs = [json.loads(subprocess.run([sys.executable, "-c", _COMPILED_WARM_UP], env=env, capture_output=True,
-                                      text=True, check=True, timeout=600).stdout.splitlines()[-1])
-            for _ in range(2)]
-    first, second = runs
+
+    def warm_up_in_a_new_process() -> dict:
+        done = subprocess.run([sys.executable, "-c", _COMPILED_WARM_UP], env=env, capture_output=True, text=True,
+                              timeout=600)
+        # a failure shows the process's own words: CalledProcessError would show only its exit status
+        assert done.returncode == 0, done.stderr[-4000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    first, second = warm_up_in_a_new_process(), warm_up_in_a_new_process()
     assert first["compile_mode"] == "default" and first["model_call_shapes"] == 1 + len(size_ladder(2))
     assert first["cold"] == second["cold"] == 0
     assert first["hits"] == 0 < second["hits"]
