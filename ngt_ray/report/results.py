@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ngt_ray.job.fetch import FetchError, fetch
+from ngt_ray.job.outputs import RUN_RECORD
 from ngt_ray.job.preflight import UsageError
 from ngt_ray.storage import Location
 
@@ -62,7 +63,7 @@ class RunResults:
 
     @classmethod
     def read(cls, output: Location, limit: int = 500, near: int = 24, batch_rows: int = 65536) -> RunResults:
-        stats, config = _read_stats(output), _read_json(output.join("run.json"))
+        stats, config = _read_stats(output), _read_json(output.join(RUN_RECORD))
         thresholds = {"individual": float(stats.get("individual_threshold", np.nan)),
                       "screen": float(stats.get("group_threshold", np.nan))}
         flags = output.join("flags")
