@@ -34,7 +34,7 @@ from ngt_ray.job.preflight import check_run, no_new_folder_on_failure
 from ngt_ray.job.resume import Finished
 from ngt_ray.job.sources import read_source
 from ngt_ray.job.stages import Moderator, decode_batch, decode_memory, model_actor_memory
-from ngt_ray.job.stats import STATS_COLUMNS, phase_columns, stats_row
+from ngt_ray.job.stats import STATS_COLUMNS, count_flags, phase_columns, stats_row
 from ngt_ray.nets.loading import load_model
 from ngt_ray.nets.profiling import stage_seconds
 from ngt_ray.nets.runtime import accelerate, pick_device
@@ -113,15 +113,16 @@ def present_run(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, 
         STATS_COLUMNS
     ) if flags.fs.exists(flags.path) and flags.fs.find(flags.path) else ray.data.from_arrow(
         FLAGS_SCHEMA.empty_table())
+    totals = count_flags(written)  # the one Dataset the driver runs after the stream
     resumed = len(out.done)  # the rows of the flags files it kept, from their footers
-    phases = collect(ledger, written.count() - resumed)
+    phases = collect(ledger, int(totals["images"]) - resumed)
     first = phases["first_output_at"]
     info = {**p.info, **phase_columns(phases, operators, stream_seconds, p.placement),
             "resumed_rows": resumed, "objects": objects,
             # from the job's start (listing included) to the first model batch's rows: what a
             # bucket-scale listing costs, and what --input-manifest saves
             "seconds_to_first_output": first - started_at if first is not None else float("nan")}
-    stats = stats_row(written, p.actor.macs, p.actor.seconds, info, wall_seconds)
+    stats = stats_row(totals, p.actor.macs, p.actor.seconds, info, wall_seconds)
     out.commit(stats)
     return stats.to_pylist()[0]
 
@@ -138,10 +139,10 @@ def _actor_start_timeout(seconds: float) -> Iterator[None]:
         ctx.wait_for_min_actors_s = before
 
 
-def _wait_for_a_free_cpu(timeout: float = 10.0) -> None:
+def _wait_for_a_free_cpu(timeout: float = 30.0) -> None:
     """Resources come back to the pool a moment after the task or actor pool that held them is
-    done: before the driver starts a Dataset, wait (a few seconds at most) for a CPU to be free, so
-    Ray Data does not start by warning that the job will hang on a cluster that looks full."""
+    done: before the driver starts a Dataset, wait for a CPU to be free (it returns as soon as one
+    is), so Ray Data does not start by warning that the job will hang on a cluster that looks full."""
     deadline = time.monotonic() + timeout
     while ray.available_resources().get("CPU", 0.0) <= 0 and time.monotonic() < deadline:
         time.sleep(0.05)

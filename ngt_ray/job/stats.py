@@ -25,7 +25,7 @@ from ngt_ray.job.phases import PHASES
 if TYPE_CHECKING:
     from ngt_ray.job.plan import Placement
 
-__all__ = ["STATS_COLUMNS", "count_rows", "phase_columns", "stats_row", "top_phases"]
+__all__ = ["STATS_COLUMNS", "count_flags", "count_rows", "phase_columns", "stats_row", "top_phases"]
 
 STATS_COLUMNS = ["flagged", "decided_by", "group_size", "tests", "compute_macs", "compute_seconds", "error_kind"]
 _ERROR_COUNTS = tuple(f"errors_{kind}" for kind in ErrorKind)
@@ -107,9 +107,18 @@ def top_phases(wall: dict[str, float], n: int = 3) -> str:
     return ", ".join(f"{name} {sec / total:.0%}" for name, sec in ranked if sec > 0)
 
 
-def stats_row(flags: ray.data.Dataset, macs: StageCosts, seconds: StageCosts | None, info: dict,
+def count_flags(flags: ray.data.Dataset) -> dict[str, float]:
+    """Sum the flags' per-block counts (``count_rows``) into run totals, in one execution of the
+    Dataset: the driver starts nothing else after the stream, so it never starts a second one
+    while the first one's CPUs are still on their way back to the pool."""
+    partial = flags.map_batches(count_rows, batch_format="pyarrow").to_pandas()
+    return {name: float(partial[name].sum()) if len(partial) else 0.0 for name in _COUNTS}
+
+
+def stats_row(totals: dict[str, float], macs: StageCosts, seconds: StageCosts | None, info: dict,
               wall_seconds: float) -> pa.Table:
-    """Reduce the flags to the stats row (``info`` adds model name, design, algorithm, ...).
+    """The stats row from the flags' totals (``count_flags``); ``info`` adds model name, design,
+    algorithm, ...
 
     ``info["objects"]``: what the listing found. Where nothing was listed (a manifest, WebDataset
     or Parquet inputs, whose rows are samples) ``objects`` is the rows written, and
@@ -118,8 +127,6 @@ def stats_row(flags: ray.data.Dataset, macs: StageCosts, seconds: StageCosts | N
     ``compute_saving`` compares the MACs spent with the individual model on every screened image;
     ``time_saving`` does the same with the per-stage seconds measured on the actors' device.
     """
-    partial = flags.map_batches(count_rows, batch_format="pyarrow").to_pandas()
-    totals = {name: float(partial[name].sum()) if len(partial) else 0.0 for name in _COUNTS}
     images, errors = int(totals["images"]), int(totals["errors"])
     screened = images - errors
     baseline_macs = screened * macs.confirm
