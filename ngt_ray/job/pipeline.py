@@ -113,7 +113,7 @@ def present_run(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, 
         STATS_COLUMNS
     ) if flags.fs.exists(flags.path) and flags.fs.find(flags.path) else ray.data.from_arrow(
         FLAGS_SCHEMA.empty_table())
-    totals = count_flags(written)  # the one Dataset the driver runs after the stream
+    totals = count_flags(written)  # one read of the flags: the image count and the stats row
     resumed = len(out.done)  # the rows of the flags files it kept, from their footers
     phases = collect(ledger, int(totals["images"]) - resumed)
     first = phases["first_output_at"]

@@ -109,8 +109,8 @@ def top_phases(wall: dict[str, float], n: int = 3) -> str:
 
 def count_flags(flags: ray.data.Dataset) -> dict[str, float]:
     """Sum the flags' per-block counts (``count_rows``) into run totals, in one execution of the
-    Dataset: the driver starts nothing else after the stream, so it never starts a second one
-    while the first one's CPUs are still on their way back to the pool."""
+    Dataset: the image count and the stats row both come from these totals, so the driver reads
+    the flags back once, not once per figure."""
     partial = flags.map_batches(count_rows, batch_format="pyarrow").to_pandas()
     return {name: float(partial[name].sum()) if len(partial) else 0.0 for name in _COUNTS}
 
