@@ -24,6 +24,7 @@ import ray.data
 from ngt_ray.grouptesting.cost_table import StageCosts
 from ngt_ray.job.contracts import FLAGS_SCHEMA
 from ngt_ray.job.fetch import BucketError, retrying_writes
+from ngt_ray.job.free_cpu import free_cpu_checked
 from ngt_ray.job.lease import OutputLease
 from ngt_ray.job.manifests import manifest_paths
 from ngt_ray.job.outputs import RunOutput, output_location, run_config
@@ -107,7 +108,6 @@ def present_run(p: JobPlan, ledger: ray.actor.ActorHandle, operators: dict[str, 
     """Present the run (``RunOutput.commit``: stats.parquet from every row in flags/, then
     ``_SUCCESS``) and return its stats row."""
     flags = out.flags
-    _wait_for_a_free_cpu()  # the stream's actors are being torn down
     flags.fs.invalidate_cache()  # the workers wrote; the driver's listing cache has not seen it
     written = ray.data.read_parquet(flags.path, filesystem=flags.arrow_fs).select_columns(
         STATS_COLUMNS
@@ -137,15 +137,6 @@ def _actor_start_timeout(seconds: float) -> Iterator[None]:
         yield
     finally:
         ctx.wait_for_min_actors_s = before
-
-
-def _wait_for_a_free_cpu(timeout: float = 30.0) -> None:
-    """Resources come back to the pool a moment after the task or actor pool that held them is
-    done: before the driver starts a Dataset, wait for a CPU to be free (it returns as soon as one
-    is), so Ray Data does not start by warning that the job will hang on a cluster that looks full."""
-    deadline = time.monotonic() + timeout
-    while ray.available_resources().get("CPU", 0.0) <= 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def init_ray(address: str | None = None) -> None:
@@ -192,13 +183,13 @@ def _moderate(cfg: ModerationConfig, lease: OutputLease) -> dict:
     out = RunOutput.open(cfg.output, run_config(cfg), cfg.s3_endpoint, overwrite=cfg.overwrite, lease=lease)
     if cfg.measure_time:
         p = p.with_seconds(ray.get(ray.remote(_measure_seconds).options(**p.placement.resources).remote(p)))
-        _wait_for_a_free_cpu()  # the timing task's
     ledger = start_ledger()
     try:
         p = p.with_ledger(ledger)
         stream_start = time.perf_counter()
         ds, objects = build(p, out.done)
-        with _ordered(cfg.ordered), _actor_start_timeout(cfg.actor_start_timeout):
+        # free_cpu_checked: the timing task's CPU may still be on its way back to the pool
+        with _ordered(cfg.ordered), _actor_start_timeout(cfg.actor_start_timeout), free_cpu_checked():
             # each flags file is one retried put (retrying_writes): complete or absent on a flaky store
             ds.write_parquet(out.flags.path, filesystem=retrying_writes(out.flags.fs), try_create_dir=False,
                              min_rows_per_file=cfg.rows_per_file, ray_remote_args=_WRITE_RESOURCES)
