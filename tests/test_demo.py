@@ -32,5 +32,7 @@ def test_the_demo_runs_with_a_quiet_console_and_ends_with_its_report(caltech, ch
         shown = rendered(browser_page)
     assert len(shown["flagged"]) == flagged and all(width > 0 for _, width in shown["flagged"]), shown
     assert len(shown["plots"]) == 3 and all(width > 0 for _, width in shown["plots"]), shown
-    warnings = [line for line in console.splitlines() if "warning" in line.lower()]
-    assert not warnings, "\n".join(warnings)
+    lines = console.splitlines()
+    warnings = [i for i, line in enumerate(lines) if "warning" in line.lower()]
+    # each with the console lines before it: which step of the demo it came from
+    assert not warnings, "\n---\n".join("\n".join(lines[max(0, i - 6):i + 1]) for i in warnings)
